@@ -1,0 +1,86 @@
+"""The losses of Calibrated Adversarial Training (Huang et al., ACML 2021), as pure functions.
+
+Tensors in, a scalar (or a tensor) out: no model, optimizer or device lives here, so this
+file can be copied alone into another project. It imports torch and nothing else.
+
+Notation follows the paper (Sec. 4.4):
+    x        natural images in [0, 1], shape (N, C, H, W)
+    y        labels, shape (N,)
+    delta    adversarial perturbation, |delta| <= eps, x + delta in [0, 1]   (Eq. 9)
+    mask     soft mask M = g_phi(...) in (0, 1), shape of x                  (Eq. 10-11)
+    x_cali   calibrated adversarial example x + M * delta                   (Eq. 10)
+    beta     weight of the robust KL term for the classifier f              (Eq. 13)
+    beta1    weight of the cross-entropy term for the mask network g_phi    (Eq. 14)
+
+Direction of the KL terms. The paper writes KL(P(.|x_cali) || P(.|x)) in Eq. 13 and
+KL(P(.|x_cali) || P(.|x')) in Eq. 14. The authors' code, like TRADES, computes the other
+direction: KL(P(.|x) || P(.|x_cali)) and KL(P(.|x') || P(.|x_cali)), i.e. the clean (or
+uncalibrated) prediction is the reference distribution. The published numbers come from
+that code, so `kl_div` is called in the code's direction below, and `kl_div` itself takes
+its two arguments in the mathematical order KL(P || Q) so a reader can flip it in one place.
+The KL is summed over classes and averaged over the batch (TRADES' "batchmean").
+"""
+import torch
+import torch.nn.functional as F
+
+
+def kl_div(logits_p, logits_q):
+    """KL(P || Q) = sum_k P_k (log P_k - log Q_k), P = softmax(logits_p), Q = softmax(logits_q).
+
+    Summed over classes, averaged over the batch. Gradients flow into both arguments;
+    detach one at the call site if it is meant to be a fixed target.
+    """
+    log_p = F.log_softmax(logits_p.float(), dim=1)
+    log_q = F.log_softmax(logits_q.float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+def weighted_ce(logits, y):
+    """Eq. 8: CE(f(x), y) * (1 - P(y|x)), averaged over the batch.
+
+    The weight (1 - p_y) is part of the loss, not a constant: its gradient is kept, as in
+    Eq. 8 read as a function of theta. Well-classified examples (p_y -> 1) contribute little,
+    so the natural term concentrates on the misclassified ones.
+    """
+    log_p = F.log_softmax(logits.float(), dim=1)
+    log_p_y = log_p.gather(1, y[:, None]).squeeze(1)      # (N,)
+    return (-log_p_y * (1.0 - log_p_y.exp())).mean()
+
+
+def calibrate(x, delta, mask):
+    """Eq. 10: x_cali = x + M * delta, clipped to the [0, 1] box.
+
+    Since x and x + delta both lie in [0, 1] and M in (0, 1), x_cali lies on the segment
+    between them, so the clip only guards against rounding; it never cuts the gradient
+    to the mask in exact arithmetic. |x_cali - x| <= |delta| <= eps elementwise.
+    """
+    return (x + mask * delta).clamp(0.0, 1.0)
+
+
+def classifier_loss(logits_nat, logits_cali, y, beta, weighted=True):
+    """Eq. 13, the objective of the classifier f (mask fixed):
+
+        CE(f(x), y) * (1 - P(y|x))  +  beta * KL(P(.|x) || P(.|x_cali))
+
+    with the KL in the code's (TRADES') direction, see the module docstring.
+    `weighted=False` drops the (1 - p_y) factor (ablation A1 of the paper).
+    Returns (loss, natural_term, robust_term); the last two are detached, for logging.
+    """
+    nat = weighted_ce(logits_nat, y) if weighted else F.cross_entropy(logits_nat.float(), y)
+    rob = kl_div(logits_nat, logits_cali)
+    return nat + beta * rob, nat.detach(), rob.detach()
+
+
+def mask_loss(logits_adv, logits_cali, y, beta1):
+    """Eq. 14, the objective of the mask network g_phi (classifier f fixed):
+
+        KL(P(.|x') || P(.|x_cali))  +  beta1 * CE(f(x_cali), y),    x' = x + delta
+
+    The KL keeps x_cali close to the adversarial example in the classifier's eyes
+    (constraint 1 of Sec. 4.4); the CE pushes x_cali towards the true class (constraint 2).
+    `logits_adv` is a fixed target (computed without gradient).
+    Returns (loss, kl_term, ce_term); the last two are detached, for logging.
+    """
+    kl = kl_div(logits_adv.detach(), logits_cali)
+    ce = F.cross_entropy(logits_cali.float(), y)
+    return kl + beta1 * ce, kl.detach(), ce.detach()
