@@ -97,3 +97,34 @@ def pgd(model, x, y, eps, alpha, steps, random_start=False, loss="ce", kappa=50.
 def cw_inf(model, x, y, eps, alpha, steps=30, kappa=50.0, random_start=True):
     """CW-inf attack as used by FAT/TRADES evaluations: PGD on the CW margin loss."""
     return pgd(model, x, y, eps, alpha, steps, random_start=random_start, loss="cw", kappa=kappa)
+
+
+def pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="kl", kappa=50.0, random_start=True):
+    """Early-stopped PGD of FAT (Zhang et al. 2020, "friendly" adversarial data).
+
+    Like `pgd`, but an example stops moving once it has been misclassified and `tau` further
+    steps have been taken on it: the step at which f(x_adv) != y for the (tau+1)-th time
+    freezes it. tau = 0 stops at the first misclassified iterate.
+    """
+    with eval_mode(model):
+        log_p_nat = None
+        if loss == "kl":
+            with torch.no_grad():
+                log_p_nat = F.log_softmax(model(x).float(), dim=1)
+        x_adv = project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps) if random_start else x.detach()
+        budget = torch.full_like(y, tau)                  # steps still allowed after misclassification
+        active = torch.ones_like(y, dtype=torch.bool)
+        for _ in range(steps):
+            x_in = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(x_in)
+                value = _loss_per_example(logits, y, loss, kappa, log_p_nat).sum()
+                (grad,) = torch.autograd.grad(value, x_in)
+            wrong = logits.argmax(1) != y
+            active &= ~(wrong & (budget == 0))
+            budget -= (wrong & active).long()
+            if not active.any():
+                break
+            step = alpha * grad.sign() * active.view(-1, *[1] * (x.dim() - 1))
+            x_adv = project(x_adv + step, x, eps)
+        return x_adv.detach()

@@ -84,3 +84,37 @@ def mask_loss(logits_adv, logits_cali, y, beta1):
     kl = kl_div(logits_adv.detach(), logits_cali)
     ce = F.cross_entropy(logits_cali.float(), y)
     return kl + beta1 * ce, kl.detach(), ce.detach()
+
+
+# ----------------------------------------------------------------------------- baselines
+# The methods the paper compares against (its Appendix H), in the same shape as
+# classifier_loss: logits in, (loss, natural_term, robust_term) out. Each differs from CAT
+# only here and in its perturbation; train.py shares everything else.
+
+def at_loss(logits_nat, logits_adv, y, beta=None):
+    """Standard adversarial training (Madry et al. 2018): CE(f(x'), y). Needs no f(x)."""
+    ce = F.cross_entropy(logits_adv.float(), y)
+    return ce, torch.zeros_like(ce), ce.detach()
+
+
+def trades_loss(logits_nat, logits_adv, y, beta):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(P(.|x) || P(.|x')). Also FAT's outer loss."""
+    nat = F.cross_entropy(logits_nat.float(), y)
+    rob = kl_div(logits_nat, logits_adv)
+    return nat + beta * rob, nat.detach(), rob.detach()
+
+
+def mart_loss(logits_nat, logits_adv, y, beta):
+    """MART (Wang et al. 2020): BCE(f(x'), y) + beta * KL(P(.|x) || P(.|x')) * (1 - P(y|x)).
+
+    BCE(p', y) = -log p'_y - log(1 - max_{k != y} p'_k), the "boosted" CE on the adversarial
+    example; the KL is weighted per example by how badly x itself is classified.
+    """
+    log_p_adv = F.log_softmax(logits_adv.float(), dim=1)
+    p_adv = log_p_adv.exp()
+    wrong = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), -1.0).amax(1)   # max_{k != y} p'_k
+    bce = F.nll_loss(log_p_adv, y) - torch.log1p(-wrong.clamp(max=1 - 1e-6)).mean()
+    log_p_nat = F.log_softmax(logits_nat.float(), dim=1)
+    kl = (log_p_nat.exp() * (log_p_nat - log_p_adv)).sum(1)                           # (N,)
+    rob = (kl * (1.0 - log_p_nat.gather(1, y[:, None]).squeeze(1).exp())).mean()
+    return bce + beta * rob, bce.detach(), rob.detach()

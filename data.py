@@ -101,7 +101,8 @@ class _NumpyOnly(pickle.Unpickler):
     """Unpickler for the CIFAR python files: dicts, lists, bytes and numpy arrays only."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct")}
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("_codecs", "encode")}   # how Python 3 pickles bytes at protocol 2
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -188,11 +189,20 @@ def augment(x, pad=4):
     return padded.flatten(2).gather(2, idx).view(n, c, h, w)
 
 
-def batches(split, batch_size, shuffle=False, generator=None, augment_fn=None):
-    """Yield (x, y) float batches in [0, 1]; the order comes from `generator` when shuffling."""
+def batches(split, batch_size, shuffle=False, generator=None, augment_fn=None, start=0, shard=(0, 1)):
+    """Yield (x, y) float batches in [0, 1].
+
+    shuffle: the order comes from `generator` (so it depends only on its seed).
+    start: skip the first `start` batches without touching any random state (exact resume).
+    shard: (rank, world) - each of `world` processes takes every world-th example of the same
+           order, padded by wrapping around so that all processes take the same number of steps.
+    """
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for idx in order.split(batch_size):
+    rank, world = shard
+    if world > 1:
+        order = torch.cat([order, order[:(-n) % world]])[rank::world]
+    for idx in order.split(batch_size)[start:]:
         idx = idx.to(split.labels.device)
         x = to_float(split.images[idx])
         if augment_fn is not None:

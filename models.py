@@ -9,6 +9,9 @@ so attack budgets are in pixel units. `build(name, dataset)` is the one entry po
     wrn34_10        WideResNet-34-10 (Zagoruyko & Komodakis 2016)
     resnet18_mask   CIFAR g_phi: ResNet-18 trunk, nearest upsample to 32x32, conv, sigmoid
 """
+import os
+import pickle
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -181,3 +184,44 @@ def build(name, dataset):
     if name == "wrn34_10":
         return WideResNet(34, 10, classes, stats)
     return ResNet18Mask(stats)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, truncated, foreign or unsafe, with what to do about it."""
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a train.py checkpoint with torch.load(weights_only=True): tensors and plain values
+    only, so a file that smuggles in a pickled object is refused and its payload never runs."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint; pass the best.pt or last.pt that train.py wrote")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({first[:120]}); "
+                              "load only checkpoints written by train.py") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
+                              f"({type(e).__name__}); use another copy or retrain") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= set(ckpt):
+        raise CheckpointError(f"{path}: not a train.py checkpoint (needs the keys model, config, epoch)")
+    return ckpt
+
+
+def from_checkpoint(ckpt, device="cpu"):
+    """(classifier, mask network or None) rebuilt from a checkpoint dict, in eval mode."""
+    cfg = ckpt["config"]
+    try:
+        f = build(cfg["arch"], cfg["dataset"])
+        f.load_state_dict(ckpt["model"])
+        g = None
+        if ckpt.get("mask") is not None:
+            g = build(MASKS[cfg["dataset"]], cfg["dataset"])
+            g.load_state_dict(ckpt["mask"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint does not match its own config ({first[:160]})") from None
+    return f.to(device).eval(), (g.to(device).eval() if g is not None else None)

@@ -1,44 +1,79 @@
-"""Calibrated Adversarial Training: the training loop.
+"""Calibrated Adversarial Training, and the baselines it is compared with, in one loop.
 
     python train.py --dataset mnist --attack cent --beta1 0.3 --epochs 1 --subset 3000 --out runs/demo
     python train.py --dataset cifar10 --arch preact18 --attack cw --beta1 0.05
+    python train.py --dataset cifar10 --method trades            # at | trades | mart | fat | cat
+    torchrun --nproc_per_node 2 train.py --dataset cifar10        # DDP, one process per GPU
 
 Per batch (Sec. 4.4 of the paper; the order is the authors' code's):
-  1. perturb   delta = PGD(f, x, y) - x, T steps, random start          (Eq. 9)
-  2. mask      M = g_phi(x + delta); x_cali = x + M * delta               (Eq. 10-11)
+  1. perturb   delta = PGD(f, x, y) - x, T steps from a random start       (Eq. 9)
+  2. mask      M = g_phi(x + delta); x_cali = x + M * delta                (Eq. 10-11)
   3. update f  on Eq. 13 with M fixed (detached)
   4. update g  on Eq. 14 with the *updated* f fixed, reusing M's graph from step 2
-Step 4 runs g_phi's forward only once per batch (step 2) and computes no gradient for f.
+g_phi runs forward once per batch, and step 4 computes no gradient for f's parameters.
+The baselines skip steps 2 and 4 (x_cali = x + delta) and use their own loss in step 3.
 """
 import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 import attacks
 import cat
 import data
 import models
 
-# ----------------------------------------------------------------------------- configuration
+# ============================================================================ configuration
 
 # The paper's settings per dataset (Sec. 5.1.1) and, where it is silent, the authors' code's.
 DEFAULTS = {
     "mnist": dict(arch="mnist_cnn", eps=0.3, alpha=0.3 / 20, steps=20, beta=1.0, beta1=0.3, kappa=150.0,
                   epochs=40, batch_size=100, optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
-                  milestones=[30], augment=False, val_size=1000,
-                  eval_eps=0.3, eval_alpha=0.015),
+                  milestones=[30], tau_milestones=[], augment=False, eval_eps=0.3, eval_alpha=0.015),
     "cifar10": dict(arch="preact18", eps=8 / 255, alpha=2 / 255, steps=10, beta=5.0, beta1=0.05, kappa=50.0,
                     epochs=130, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-                    milestones=[100, 120], augment=True, val_size=1000,
-                    eval_eps=8 / 255, eval_alpha=0.003),
+                    milestones=[100, 120], tau_milestones=[], augment=True, eval_eps=8 / 255, eval_alpha=0.003),
 }
 DEFAULTS["cifar100"] = dict(DEFAULTS["cifar10"])
-ATTACK_LOSS = {"cent": "ce", "cw": "cw"}     # --attack name -> attacks.pgd(loss=...)
+
+# Each baseline's own paper's (or public code's) training settings, over the dataset defaults.
+# MART and FAT published no MNIST setting: there they keep the dataset defaults above.
+METHOD_DEFAULTS = {
+    ("at", "mnist"): dict(attack="cent", steps=40, alpha=0.01, lr=1e-4, batch_size=50, epochs=100, milestones=[]),
+    ("at", "cifar"): dict(attack="cent", steps=7, alpha=2 / 255, weight_decay=2e-4, epochs=205, milestones=[102, 154]),
+    ("trades", "mnist"): dict(attack="kl", steps=40, alpha=0.01, beta=1.0, optimizer="sgd", lr=0.01,
+                              momentum=0.9, batch_size=128, epochs=100, milestones=[54, 74, 89]),
+    ("trades", "cifar"): dict(attack="kl", eps=0.031, steps=10, alpha=0.007, beta=6.0, weight_decay=2e-4,
+                              epochs=76, milestones=[74]),
+    ("mart", "mnist"): dict(attack="cent"),
+    ("mart", "cifar"): dict(attack="cent", steps=10, alpha=2 / 255, beta=5.0, lr=0.01, weight_decay=3.5e-3,
+                            epochs=100, milestones=[75, 90]),
+    ("fat", "mnist"): dict(attack="kl"),
+    ("fat", "cifar"): dict(attack="kl", eps=0.031, steps=10, alpha=0.007, beta=6.0, weight_decay=2e-4,
+                           epochs=120, milestones=[59, 89, 109], tau_milestones=[50, 90]),
+    ("cat", "mnist"): dict(attack="cent"),
+    ("cat", "cifar"): dict(attack="cent"),
+}
+
+# The outer loss of each method: (logits_nat, logits_adv, y, cfg) -> (loss, natural term, robust term).
+# For CAT, logits_adv are those of the calibrated example x_cali.
+LOSSES = {
+    "cat": lambda nat, adv, y, cfg: cat.classifier_loss(nat, adv, y, cfg["beta"], weighted=cfg["weighted_ce"]),
+    "at": lambda nat, adv, y, cfg: cat.at_loss(nat, adv, y),
+    "trades": lambda nat, adv, y, cfg: cat.trades_loss(nat, adv, y, cfg["beta"]),
+    "mart": lambda nat, adv, y, cfg: cat.mart_loss(nat, adv, y, cfg["beta"]),
+    "fat": lambda nat, adv, y, cfg: cat.trades_loss(nat, adv, y, cfg["beta"]),
+}
+ATTACK_LOSS = {"cent": "ce", "cw": "cw", "kl": "kl"}     # --attack name -> attacks.pgd(loss=...)
+# Flags a resumed run may change; any other flag must match the run being resumed.
+RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop_on_collapse", "compile"}
 
 
 def fraction(text):
@@ -57,42 +92,73 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def die(message, code=2):
+    """One line on stderr, no traceback, exit `code` (2: bad input)."""
+    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def build_parser():
-    p = OneLineParser(description="Calibrated Adversarial Training (Huang et al. 2021). "
-                      "Unset flags take the paper's value for --dataset.")
-    p.add_argument("--dataset", default="mnist", choices=sorted(DEFAULTS))
-    p.add_argument("--arch", help="classifier: mnist_cnn (mnist); preact18 or wrn34_10 (cifar). default: mnist_cnn / preact18")
-    p.add_argument("--attack", default="cent", choices=sorted(ATTACK_LOSS),
-                   help="training perturbation: cent = PGD on cross-entropy (CAT_cent), cw = PGD on the CW-inf margin (CAT_cw)")
-    p.add_argument("--beta", type=float, help="weight of the KL term in Eq. 13. default: 1 (mnist), 5 (cifar)")
-    p.add_argument("--beta1", type=float, help="weight of the CE term in Eq. 14. default: 0.3 (mnist), 0.05 (cifar)")
-    p.add_argument("--eps", type=fraction, help="L-inf budget in [0,1] pixel units; '8/255' is accepted. default: 0.3 (mnist), 8/255 (cifar)")
-    p.add_argument("--alpha", type=fraction, help="PGD step size, pixel units. default: eps/20 (mnist), 2/255 (cifar)")
-    p.add_argument("--steps", type=int, help="PGD steps T of the training attack. default: 20 (mnist), 10 (cifar)")
-    p.add_argument("--kappa", type=float, help="CW confidence for --attack cw. default: 150 (mnist), 50 (cifar)")
-    p.add_argument("--epochs", type=int, help="default: 40 (mnist), 130 (cifar)")
-    p.add_argument("--batch-size", type=int, help="default: 100 (mnist), 128 (cifar)")
-    p.add_argument("--lr", type=float, help="initial learning rate of both networks; /10 at each milestone. "
-                   "default: 1e-3 Adam (mnist), 0.1 SGD (cifar)")
-    p.add_argument("--milestones", type=int, nargs="*", help="epochs after which lr is divided by 10. default: 30 (mnist), 100 120 (cifar)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subset", type=int, help="train on the first N examples of a seeded shuffle of the training split")
-    p.add_argument("--val-size", type=int, help="held-out training examples used to pick best.pt. default: 1000")
-    p.add_argument("--out", default="runs/cat", help="output folder: last.pt, best.pt, metrics.jsonl, config.json")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--data-dir", default="data", help="folder holding the datasets (see data.py)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p = OneLineParser(description="Calibrated Adversarial Training (Huang et al. 2021) and baselines. "
+                      "Flags left unset take the paper's value for --dataset and --method.")
+    a = p.add_argument
+    a("--dataset", default="mnist", choices=sorted(DEFAULTS))
+    a("--method", default="cat", choices=sorted(LOSSES),
+      help="cat (this paper), at (Madry et al.), trades (Zhang et al. 2019), mart (Wang et al. 2020), "
+           "fat (FAT for TRADES, Zhang et al. 2020); each baseline defaults to its own paper's settings")
+    a("--arch", help="classifier: mnist_cnn (mnist); preact18 or wrn34_10 (cifar). default: mnist_cnn / preact18")
+    a("--attack", choices=sorted(ATTACK_LOSS),
+      help="loss of the training perturbation: cent = cross-entropy (CAT_cent), cw = CW-inf margin (CAT_cw), "
+           "kl = KL from the natural prediction (TRADES; Figure 5). default: cent (kl for trades and fat)")
+    a("--no-mask", dest="mask", action="store_false", help="CAT ablation A2: train on x + delta, no g_phi")
+    a("--no-weighted-ce", dest="weighted_ce", action="store_false",
+      help="CAT ablation A1 (with --no-mask): plain CE(f(x), y) in place of Eq. 8")
+    a("--beta", type=float, help="weight of the robust term (beta of Eq. 13; TRADES' beta; MART's lambda). "
+      "default: 1 (mnist), 5 (cifar)")
+    a("--beta1", type=float, help="weight of the CE term in Eq. 14. default: 0.3 (mnist), 0.05 (cifar)")
+    a("--eps", type=fraction, help="L-inf budget in [0,1] pixel units; '8/255' is accepted. default: 0.3 (mnist), 8/255 (cifar)")
+    a("--alpha", type=fraction, help="PGD step size, pixel units. default: eps/20 (mnist), 2/255 (cifar)")
+    a("--steps", type=int, help="PGD steps T of the training attack. default: 20 (mnist), 10 (cifar)")
+    a("--kappa", type=float, help="CW confidence for --attack cw, in logits. default: 150 (mnist), 50 (cifar)")
+    a("--tau-milestones", type=int, nargs="*", help="FAT: tau (steps allowed after misclassification) grows "
+      "by 1 after each of these epochs. default: 50 90 (cifar)")
+    a("--epochs", type=int, help="default: 40 (mnist), 130 (cifar)")
+    a("--batch-size", type=int, help="global batch (split across DDP processes). default: 100 (mnist), 128 (cifar)")
+    a("--optimizer", choices=["adam", "sgd"], help="for both networks. default: adam (mnist), sgd (cifar)")
+    a("--lr", type=float, help="initial learning rate of both networks. default: 1e-3 (mnist), 0.1 (cifar)")
+    a("--momentum", type=float, help="SGD momentum. default: 0.9 (cifar)")
+    a("--weight-decay", type=float, help="SGD weight decay. default: 5e-4 (cifar)")
+    a("--milestones", type=int, nargs="*", help="epochs after which lr is divided by 10. default: 30 (mnist), 100 120 (cifar)")
+    a("--seed", type=int, default=0)
+    a("--subset", type=int, help="train on the first N examples of a seeded shuffle of the training split")
+    a("--val-size", type=int, default=1000, help="held-out training examples used to pick best.pt")
+    a("--out", default="runs/cat", help="output folder: last.pt, best.pt, metrics.jsonl, config.json")
+    a("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    a("--overwrite", action="store_true", help="replace a run already in --out")
+    a("--stop-on-collapse", action="store_true",
+      help="stop when validation PGD-20 accuracy falls below half its best (catastrophic overfitting)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+      help="bf16 autocast for training (evaluation is always fp32); auto = bf16 where the hardware has it")
+    a("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC memory format")
+    a("--compile", action="store_true", help="torch.compile both networks (checkpoints hold the plain ones)")
+    a("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
+    a("--data-dir", default="data", help="folder holding the datasets (see data.py)")
     return p
 
 
 def parse_config(argv=None):
-    """Flags -> a plain dict with every dataset default filled in, or exit 2 with one line."""
+    """Flags -> a plain dict with every default filled in, or exit 2 with one line."""
     parser = build_parser()
     cfg = vars(parser.parse_args(argv))
-    for key, value in DEFAULTS[cfg["dataset"]].items():
+    for action in parser._actions:          # parse again with no defaults: what was typed
+        action.default = argparse.SUPPRESS
+    cfg["explicit"] = sorted(vars(parser.parse_args(argv)))
+    group = "mnist" if cfg["dataset"] == "mnist" else "cifar"
+    for key, value in {**DEFAULTS[cfg["dataset"]], **METHOD_DEFAULTS[cfg["method"], group]}.items():
         if cfg.get(key) is None:
             cfg[key] = value
-    if cfg["alpha"] is None or "alpha" not in cfg:
+    if cfg["alpha"] is None:
         cfg["alpha"] = cfg["eps"] / 20
     problem = check_config(cfg)
     if problem:
@@ -111,11 +177,15 @@ def check_config(cfg):
         (cfg["steps"] >= 1, f"--steps {cfg['steps']} must be >= 1"),
         (cfg["beta"] >= 0, f"--beta {cfg['beta']} must be >= 0"),
         (cfg["beta1"] >= 0, f"--beta1 {cfg['beta1']} must be >= 0"),
+        (cfg["kappa"] >= 0, f"--kappa {cfg['kappa']} must be >= 0"),
         (cfg["epochs"] >= 1, f"--epochs {cfg['epochs']} must be >= 1"),
         (cfg["batch_size"] >= 1, f"--batch-size {cfg['batch_size']} must be >= 1"),
         (cfg["lr"] > 0, f"--lr {cfg['lr']} must be > 0"),
         (cfg["subset"] is None or cfg["subset"] >= 1, f"--subset {cfg['subset']} must be >= 1"),
         (cfg["val_size"] >= 1, f"--val-size {cfg['val_size']} must be >= 1"),
+        (cfg["method"] == "cat" or (cfg["mask"] and cfg["weighted_ce"]),
+         "--no-mask and --no-weighted-ce are ablations of --method cat"),
+        (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite exclude each other; pick one"),
     ]
     return next((msg for ok, msg in checks if not ok), None)
 
@@ -125,43 +195,70 @@ def lr_at(cfg, epoch):
     return cfg["lr"] * 0.1 ** sum(epoch > m for m in cfg["milestones"])
 
 
-# ----------------------------------------------------------------------------- one training step
+def tau_at(cfg, epoch):
+    """FAT's tau for epoch `epoch`: one more per tau milestone passed."""
+    return sum(epoch > m for m in cfg["tau_milestones"])
 
-def perturb(f, x, y, cfg):
-    """Step 1: the training attack (random start), f in eval mode. Returns delta."""
-    x_adv = attacks.pgd(f, x, y, cfg["eps"], cfg["alpha"], cfg["steps"], random_start=True,
-                        loss=ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"])
+
+# ============================================================================ one training step
+
+class Nets:
+    """The networks and optimizers of a run. `f`, `g` are the plain modules (what checkpoints
+    hold); `f_fast` is f as the attack and the frozen passes call it (compiled, or f);
+    `f_train`, `g_train` are what the parameter updates call (DDP-wrapped and/or compiled)."""
+
+    def __init__(self, f, g, opt_f, opt_g):
+        self.f, self.g, self.opt_f, self.opt_g = f, g, opt_f, opt_g
+        self.f_fast, self.f_train, self.g_train = f, f, g
+
+
+def perturb(f, x, y, cfg, epoch=1):
+    """Step 1: the training perturbation, f in eval mode, random start. Returns delta."""
+    args = (f, x, y, cfg["eps"], cfg["alpha"], cfg["steps"])
+    loss = ATTACK_LOSS[cfg["attack"]]
+    if cfg["method"] == "fat":
+        x_adv = attacks.pgd_early_stop(*args, tau=tau_at(cfg, epoch), loss=loss, kappa=cfg["kappa"])
+    else:
+        x_adv = attacks.pgd(*args, random_start=True, loss=loss, kappa=cfg["kappa"])
     return x_adv - x
 
 
-def train_step(f, g, opt_f, opt_g, x, y, cfg):
-    """One CAT step on a batch; returns a dict of detached scalar tensors for logging."""
-    delta = perturb(f, x, y, cfg)
-    # Step 2: one forward of g_phi; its graph is kept for step 4.
-    g.train()
-    mask = g(x + delta)                                           # (N, C, H, W) in (0, 1)
-    # Step 3: classifier update, Eq. 13, mask fixed.
-    f.train()
-    logits_nat = f(x)
-    logits_cali = f(cat.calibrate(x, delta, mask.detach()))
-    loss_f, nat, rob = cat.classifier_loss(logits_nat, logits_cali, y, cfg["beta"])
-    opt_f.zero_grad(set_to_none=True)
+def train_step(nets, x, y, cfg, epoch=1):
+    """One step of cfg['method'] on a batch; returns a dict of detached scalar tensors."""
+    delta = perturb(nets.f_fast, x, y, cfg, epoch)
+    use_mask = cfg["method"] == "cat" and cfg["mask"]
+    if use_mask:                              # step 2: one forward of g_phi, graph kept for step 4
+        nets.g.train()
+        mask = nets.g_train(x + delta)        # (N, C, H, W) in (0, 1)
+        x_train = cat.calibrate(x, delta, mask.detach())
+    else:
+        x_train = x + delta
+    nets.f.train()                            # step 3: classifier update (Eq. 13 for CAT)
+    logits_nat = nets.f_train(x) if cfg["method"] != "at" else None
+    loss_f, nat, rob = LOSSES[cfg["method"]](logits_nat, nets.f_train(x_train), y, cfg)
+    nets.opt_f.zero_grad(set_to_none=True)
     loss_f.backward()
-    opt_f.step()
-    # Step 4: mask update, Eq. 14, with the updated f fixed: eval mode, no parameter gradients.
-    with attacks.eval_mode(f), frozen(f):
+    nets.opt_f.step()
+    logs = {"loss_f": loss_f.detach(), "nat": nat, "rob": rob}
+    if use_mask:
+        logs.update(mask_step(nets, x, y, delta, mask, cfg))
+    return logs
+
+
+def mask_step(nets, x, y, delta, mask, cfg):
+    """Step 4: g_phi update on Eq. 14 with the updated f fixed (eval mode, no parameter grads)."""
+    with attacks.eval_mode(nets.f), frozen(nets.f):
         with torch.no_grad():
-            logits_adv = f(x + delta)
-        loss_g, kl, ce = cat.mask_loss(logits_adv, f(cat.calibrate(x, delta, mask)), y, cfg["beta1"])
-        opt_g.zero_grad(set_to_none=True)
+            logits_adv = nets.f_fast(x + delta)
+        loss_g, kl, ce = cat.mask_loss(logits_adv, nets.f_fast(cat.calibrate(x, delta, mask)), y, cfg["beta1"])
+        nets.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
-        opt_g.step()
-    return {"loss_f": loss_f.detach(), "nat": nat, "rob": rob, "loss_g": loss_g.detach(),
-            "kl_g": kl, "ce_g": ce, "mask": mask.detach().mean()}
+        nets.opt_g.step()
+    return {"loss_g": loss_g.detach(), "kl_g": kl, "ce_g": ce, "mask": mask.detach().float().mean()}
 
 
 class frozen:
-    """Context manager: parameters of `model` do not require grad inside."""
+    """Context manager: the parameters of `model` do not require grad inside."""
 
     def __init__(self, model):
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -175,28 +272,74 @@ class frozen:
             p.requires_grad_(True)
 
 
-# ----------------------------------------------------------------------------- validation
+# ============================================================================ runtime: device, dtype, compile, DDP
 
-def accuracy(f, split, cfg, batch_size=500):
-    """(natural, PGD-20) accuracy in % on `split` with the paper's test attack settings."""
-    correct_nat = correct_pgd = 0
-    with attacks.eval_mode(f):
-        for x, y in data.batches(split, batch_size):
-            with torch.no_grad():
-                correct_nat += (f(x).argmax(1) == y).sum().item()
-            x_adv = attacks.pgd(f, x, y, cfg["eval_eps"], cfg["eval_alpha"], 20)
-            with torch.no_grad():
-                correct_pgd += (f(x_adv).argmax(1) == y).sum().item()
-    return 100 * correct_nat / len(split), 100 * correct_pgd / len(split)
+class Runtime:
+    """The one place that decides device, autocast dtype, memory format, compile and DDP."""
+
+    def __init__(self, cfg):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        want = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if want == "cuda" and not torch.cuda.is_available():
+            die("--device cuda but no CUDA device is visible; use --device cpu")
+        self.device = torch.device(want, self.local_rank) if want == "cuda" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and bf16_available(self.device))
+        self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        self.main = self.rank == 0
+
+    def autocast(self):
+        """The context the training step runs in (evaluation never uses it)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def wrap(self, nets, cfg):
+        """Move to device and memory format; add DDP and torch.compile wrappers around the plain nets."""
+        for net in (nets.f, nets.g):
+            if net is not None:
+                net.to(self.device, memory_format=self.memory_format)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            if cfg["sync_bn"]:
+                nets.f = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.f)
+                nets.g = nets.g and torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.g)
+            nets.f_train = DDP(nets.f, device_ids=ids)
+            nets.g_train = nets.g and DDP(nets.g, device_ids=ids)
+        else:
+            nets.f_train, nets.g_train = nets.f, nets.g
+        nets.f_fast = nets.f
+        if cfg["compile"]:
+            nets.f_fast = torch.compile(nets.f)
+            nets.f_train = nets.f_fast if self.world == 1 else torch.compile(nets.f_train)
+            nets.g_train = nets.g_train and torch.compile(nets.g_train)
+        return nets
+
+    def all_sum(self, values):
+        """Sum a list of numbers over DDP processes (identity in one process)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def bf16_available(device):
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()      # AVX512-BF16 / AMX CPUs
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+
+def build_nets(cfg):
+    f = models.build(cfg["arch"], cfg["dataset"])
+    use_mask = cfg["method"] == "cat" and cfg["mask"]
+    g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"]) if use_mask else None
+    return Nets(f, g, make_optimizer(f.parameters(), cfg), g and make_optimizer(g.parameters(), cfg))
 
 
 def make_optimizer(params, cfg):
@@ -205,87 +348,230 @@ def make_optimizer(params, cfg):
     return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
 
 
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train.py: error: --device cuda but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
+# ============================================================================ validation
+
+def accuracy_counts(f, split, cfg, batch_size=500):
+    """[natural correct, PGD-20 correct, n] on `split`, paper's test attack, fp32, eval mode."""
+    correct_nat = correct_pgd = 0
+    with attacks.eval_mode(f):
+        for x, y in data.batches(split, batch_size):
+            with torch.no_grad():
+                correct_nat += (f(x).argmax(1) == y).sum().item()
+            x_adv = attacks.pgd(f, x, y, cfg["eval_eps"], cfg["eval_alpha"], 20)
+            with torch.no_grad():
+                correct_pgd += (f(x_adv).argmax(1) == y).sum().item()
+    return [correct_nat, correct_pgd, len(split)]
+
+
+# ============================================================================ checkpoints and resume
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint(nets, cfg, epoch, best, step=0, partial=None):
+    """Everything a run needs to continue: plain state_dicts, optimizers, RNG, progress.
+
+    epoch: epochs completed; step: batches of epoch+1 already done (non-zero after Ctrl-C)."""
+    return {"model": nets.f.state_dict(), "mask": nets.g.state_dict() if nets.g else None,
+            "opt_f": nets.opt_f.state_dict(), "opt_g": nets.opt_g.state_dict() if nets.g else None,
+            "config": {k: v for k, v in cfg.items() if k != "explicit"}, "epoch": epoch, "step": step,
+            "partial": partial or {}, "best": best, "rng": rng_state()}
 
 
 def prepare_out(cfg):
-    """Refuse an --out that already holds a run unless --overwrite."""
-    if os.path.exists(os.path.join(cfg["out"], "last.pt")) and not cfg["overwrite"]:
-        raise SystemExit(f"train.py: error: {cfg['out']} already holds a run; pass --overwrite "
-                         "to replace it or choose another --out")
-    os.makedirs(cfg["out"], exist_ok=True)
+    """Refuse an --out that already holds a run unless --resume or --overwrite."""
+    last = os.path.join(cfg["out"], "last.pt")
+    if cfg["resume"]:
+        if not os.path.isfile(last):
+            die(f"--resume: {last} does not exist; start the run without --resume")
+    elif os.path.exists(last) and not cfg["overwrite"]:
+        die(f"{cfg['out']} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --out")
 
 
-# ----------------------------------------------------------------------------- main loop
+def resume_config(cfg):
+    """The saved run's config, with only the RESUMABLE flags taken from the command line."""
+    try:
+        ckpt = models.load_checkpoint(os.path.join(cfg["out"], "last.pt"))
+    except models.CheckpointError as e:
+        die(f"--resume: {e}")
+    saved = ckpt["config"]
+    for key in cfg["explicit"]:
+        if key not in RESUMABLE and saved.get(key) != cfg[key]:
+            die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({saved.get(key)}); "
+                "drop the flag, or start a new run with another --out")
+    return {**saved, **{k: cfg[k] for k in RESUMABLE}, "explicit": cfg["explicit"]}, ckpt
+
+
+def restore(nets, ckpt):
+    try:
+        nets.f.load_state_dict(ckpt["model"])
+        nets.opt_f.load_state_dict(ckpt["opt_f"])
+        if nets.g is not None:
+            nets.g.load_state_dict(ckpt["mask"])
+            nets.opt_g.load_state_dict(ckpt["opt_g"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        die(f"--resume: the checkpoint does not fit this run ({str(e).splitlines()[0][:160]})")
+
+
+# ============================================================================ the main loop
 
 def fmt_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class StopFlag:
+    """First Ctrl-C (or SIGTERM) asks the loop to save and stop after the current step; a second one kills."""
+
+    def __init__(self):
+        self.set = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        print("\nstopping after this step and saving; press Ctrl-C again to abort without saving", flush=True)
+
+
+def check_finite(step_losses, upto, epoch, cfg):
+    """Stop with one line if any training loss so far in this epoch is NaN or inf."""
+    bad = (~torch.isfinite(step_losses[:upto])).nonzero()
+    if len(bad):
+        die(f"non-finite loss at epoch {epoch} step {bad[0].item() + 1}; stopped without saving, "
+            f"{os.path.join(cfg['out'], 'last.pt')} still holds the last good state (try a lower --lr or --amp fp32)", 1)
+
+
+def run_epoch(nets, train, cfg, rt, epoch, start=0, partial=None, stop=None):
+    """Train one epoch from batch `start`; returns (sums of logged values, steps done, seconds)."""
+    partial = partial or {}
+    order = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)        # data order = f(seed, epoch)
+    local_batch = max(1, cfg["batch_size"] // rt.world)
+    n_batches = math.ceil(math.ceil(len(train) / rt.world) / local_batch)
+    step_losses = torch.zeros(n_batches, device=rt.device)                       # checked without a sync per step
+    sums = {k: torch.tensor(v, device=rt.device) for k, v in partial.get("sums", {}).items()}
+    t0, last_print, i = time.time(), time.time(), start
+    augment_fn = data.augment if cfg["augment"] else None
+    for x, y in data.batches(train, local_batch, True, order, augment_fn, start, (rt.rank, rt.world)):
+        with rt.autocast():
+            logs = train_step(nets, x.contiguous(memory_format=rt.memory_format), y, cfg, epoch)
+        step_losses[i] = logs["loss_f"]
+        i += 1
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v.float()
+        if time.time() - last_print > 30 or i == n_batches or (stop and stop.set):
+            check_finite(step_losses, i, epoch, cfg)
+            last_print = time.time()
+            rate = (i - start) / (last_print - t0)                                 # steps per second
+            if rt.main:
+                print(f"epoch {epoch} [{i}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, "
+                      f"epoch ETA {fmt_time((n_batches - i) / rate)}, " +
+                      " ".join(f"{k} {v.item() / i:.4f}" for k, v in sums.items()), flush=True)
+        if stop and stop.set:
+            break
+    return sums, i, partial.get("seconds", 0.0) + time.time() - t0
+
+
 def main(argv=None):
     cfg = parse_config(argv)
-    device = pick_device(cfg["device"])
-    try:
-        train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"])
-    except data.DataError as e:
-        raise SystemExit(f"train.py: error: {e}")
     prepare_out(cfg)
-    torch.manual_seed(cfg["seed"])
+    ckpt = None
+    if cfg["resume"]:
+        cfg, ckpt = resume_config(cfg)
+    rt = Runtime(cfg)
+    log = print if rt.main else (lambda *a, **k: None)
+    try:
+        train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=log)
+    except data.DataError as e:
+        die(str(e))
     if cfg["subset"]:
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["subset"]]
-        train = train.take(pick)
-    train, val = train.to(device), val.to(device)
-    print("config:", json.dumps(cfg, sort_keys=True), flush=True)
-    with open(os.path.join(cfg["out"], "config.json"), "w") as fh:
-        json.dump(cfg, fh, indent=1, sort_keys=True)
+        train = train.take(torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["subset"]])
+    train, val = train.to(rt.device), val.to(rt.device)
+    val = val.take(torch.arange(rt.rank, len(val), rt.world, device=rt.device))   # each process checks its share
+    torch.manual_seed(cfg["seed"] + rt.rank)
+    nets = build_nets(cfg)
+    start_epoch, step, best, partial = 1, 0, {"score": -1.0, "epoch": 0, "pgd20": 0.0}, None
+    if ckpt is not None:
+        restore(nets, ckpt)
+        start_epoch, step, best, partial = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"], ckpt["partial"]
+        set_rng_state(ckpt["rng"])
+        log(f"resuming {cfg['out']} at epoch {start_epoch}" + (f", batch {step + 1}" if step else ""))
+    else:
+        os.makedirs(cfg["out"], exist_ok=True)
+        if rt.main:
+            for name in ("metrics.jsonl", "best.pt"):          # --overwrite: no stale results
+                if os.path.exists(os.path.join(cfg["out"], name)):
+                    os.remove(os.path.join(cfg["out"], name))
+    rt.wrap(nets, cfg)
+    log("config:", json.dumps({k: v for k, v in cfg.items() if k != "explicit"}, sort_keys=True))
+    log(f"device {rt.device}, {'bf16 autocast' if rt.bf16 else 'fp32'}, processes {rt.world}, "
+        f"train {len(train)} / val {len(val) * rt.world} examples")
+    if rt.main:
+        with open(os.path.join(cfg["out"], "config.json"), "w") as fh:
+            json.dump({k: v for k, v in cfg.items() if k != "explicit"}, fh, indent=1, sort_keys=True)
+    train_loop(nets, train, val, cfg, rt, start_epoch, step, best, partial, log)
 
-    f = models.build(cfg["arch"], cfg["dataset"]).to(device)
-    g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"]).to(device)
-    opt_f, opt_g = make_optimizer(f.parameters(), cfg), make_optimizer(g.parameters(), cfg)
-    best = {"score": -1.0, "epoch": 0}
-    augment_fn = data.augment if cfg["augment"] else None
-    n_batches = math.ceil(len(train) / cfg["batch_size"])
-    run_start = time.time()
 
-    for epoch in range(1, cfg["epochs"] + 1):
-        for opt in (opt_f, opt_g):
-            for group in opt.param_groups:
+def train_loop(nets, train, val, cfg, rt, start_epoch, step, best, partial, log):
+    stop, run_start = StopFlag(), time.time()
+    last_path = os.path.join(cfg["out"], "last.pt")
+    for epoch in range(start_epoch, cfg["epochs"] + 1):
+        for opt in (nets.opt_f, nets.opt_g):
+            for group in (opt.param_groups if opt else []):
                 group["lr"] = lr_at(cfg, epoch)
-        order = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)   # data order = f(seed, epoch)
-        sums, t0, last_print = {}, time.time(), time.time()
-        for i, (x, y) in enumerate(data.batches(train, cfg["batch_size"], True, order, augment_fn), 1):
-            logs = train_step(f, g, opt_f, opt_g, x, y, cfg)
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if time.time() - last_print > 30 or i == n_batches:
-                last_print = time.time()
-                rate = i * cfg["batch_size"] / (last_print - t0)
-                eta = (n_batches - i) * (last_print - t0) / i
-                print(f"epoch {epoch} [{i}/{n_batches}] {rate:.0f} img/s, epoch ETA {fmt_time(eta)}, "
-                      f"loss_f {sums['loss_f'].item() / i:.4f} loss_g {sums['loss_g'].item() / i:.4f} "
-                      f"mask {sums['mask'].item() / i:.3f}", flush=True)
-        seconds = time.time() - t0
-        nat, rob = accuracy(f, val, cfg)
-        record = {"epoch": epoch, "lr": lr_at(cfg, epoch), **{k: round(v.item() / n_batches, 5) for k, v in sums.items()},
-                  "val_natural": nat, "val_pgd20": rob, "seconds": round(seconds, 1),
-                  "images_per_s": round(len(train) / seconds, 1)}
-        print(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% ({fmt_time(seconds)})", flush=True)
-        with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        ckpt = {"model": f.state_dict(), "mask": g.state_dict(), "opt_f": opt_f.state_dict(),
-                "opt_g": opt_g.state_dict(), "config": cfg, "epoch": epoch, "metrics": record}
-        if nat + rob > best["score"]:
-            best = {"score": nat + rob, "epoch": epoch}
-            save_atomic(ckpt, os.path.join(cfg["out"], "best.pt"))
-        save_atomic({**ckpt, "best": best}, os.path.join(cfg["out"], "last.pt"))
-    print(f"done in {fmt_time(time.time() - run_start)}; best epoch {best['epoch']} "
-          f"(val natural + PGD-20 = {best['score']:.2f}) -> {os.path.join(cfg['out'], 'best.pt')}")
+        sums, done, seconds = run_epoch(nets, train, cfg, rt, epoch, step, partial, stop)
+        if stop.set:
+            if rt.main:
+                part = {"sums": {k: v.item() for k, v in sums.items()}, "seconds": seconds}
+                save_atomic(checkpoint(nets, cfg, epoch - 1, best, done, part), last_path)
+            log(f"saved {last_path} at epoch {epoch}, batch {done}; continue with: "
+                f"python train.py --out {cfg['out']} --resume")
+            sys.exit(130)
+        step, partial = 0, None
+        nat, rob, n = rt.all_sum(accuracy_counts(nets.f, val, cfg))
+        nat, rob = 100 * nat / n, 100 * rob / n
+        record = {"epoch": epoch, "lr": lr_at(cfg, epoch), **{k: round(v.item() / done, 5) for k, v in sums.items()},
+                  "val_natural": round(nat, 2), "val_pgd20": round(rob, 2), "seconds": round(seconds, 1),
+                  "images_per_s": round(len(train) * rt.world / seconds, 1)}
+        collapsed = best["pgd20"] >= 10 and rob < best["pgd20"] / 2
+        log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% ({fmt_time(seconds)})" +
+            ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
+        if rt.main:
+            with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if nat + rob > best["score"]:
+                best = {"score": nat + rob, "epoch": epoch, "pgd20": max(rob, best["pgd20"])}
+                save_atomic({**checkpoint(nets, cfg, epoch, best), "metrics": record}, os.path.join(cfg["out"], "best.pt"))
+            best["pgd20"] = max(rob, best["pgd20"])
+            save_atomic({**checkpoint(nets, cfg, epoch, best), "metrics": record}, last_path)
+        if collapsed and cfg["stop_on_collapse"]:
+            log(f"--stop-on-collapse: stopped at epoch {epoch}; best.pt (epoch {best['epoch']}) is kept")
+            break
+    log(f"done in {fmt_time(time.time() - run_start)}; best epoch {best['epoch']} "
+        f"(val natural + PGD-20 = {best['score']:.2f}) -> {os.path.join(cfg['out'], 'best.pt')}")
+    if rt.world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
