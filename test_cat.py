@@ -641,3 +641,53 @@ def test_missing_and_corrupt_data_get_one_line(tmp_path, capsys):
 def test_bad_flag_from_the_shell_has_no_traceback(tmp_path):
     proc = run_cli("train.py", "--eps", "2", "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+# ============================================================================ attack properties (hypothesis)
+
+from hypothesis import given, settings, strategies as st
+
+PROPERTY_ATTACKS = {
+    "fgsm": lambda m, x, y, eps, alpha, steps: attacks.fgsm(m, x, y, eps),
+    "pgd_ce": lambda m, x, y, eps, alpha, steps: attacks.pgd(m, x, y, eps, alpha, steps, random_start=True),
+    "pgd_cw": lambda m, x, y, eps, alpha, steps: attacks.pgd(m, x, y, eps, alpha, steps, loss="cw"),
+    "pgd_kl": lambda m, x, y, eps, alpha, steps: attacks.pgd(m, x, y, eps, alpha, steps, True, loss="kl"),
+    "cw_inf": lambda m, x, y, eps, alpha, steps: attacks.cw_inf(m, x, y, eps, alpha, steps),
+    "fat": lambda m, x, y, eps, alpha, steps: attacks.pgd_early_stop(m, x, y, eps, alpha, steps, tau=1, loss="ce"),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(PROPERTY_ATTACKS)), n=st.integers(1, 4), c=st.integers(1, 3),
+       hw=st.integers(4, 10), eps=st.floats(1e-3, 1.0), alpha=st.floats(1e-3, 0.5), steps=st.integers(1, 4),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2 ** 16),
+       train_mode=st.booleans())
+def test_attack_properties(name, n, c, hw, eps, alpha, steps, dtype, seed, train_mode):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2),
+                          nn.Flatten(), nn.Linear(4 * hw * hw, 5)).to(dtype).train(train_mode)
+    x = torch.rand(n, c, hw, hw, dtype=dtype)
+    x[0, 0, 0, 0], x[-1, -1, -1, -1] = 0.0, 1.0
+    y = torch.randint(0, 5, (n,))
+    x_adv = PROPERTY_ATTACKS[name](model, x, y, eps, alpha, steps)
+    tol = 4 * torch.finfo(dtype).eps
+    assert x_adv.shape == x.shape and x_adv.dtype == dtype
+    assert not torch.isnan(x_adv).any()
+    assert (x_adv - x).abs().max() <= eps + tol
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert all(m.training == train_mode for m in model.modules())
+
+
+# ============================================================================ multi-process training (torchrun)
+
+def test_ddp_two_cpu_processes(tmp_path):
+    out = str(tmp_path / "ddp")
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                   "--dataset", "mnist", "--subset", "200", "--steps", "1", "--val-size", "50",
+                   "--batch-size", "50", "--epochs", "1", "--device", "cpu", "--out", out)
+    assert proc.stdout.count("epoch 1: val natural") == 1          # only rank 0 logs
+    assert "processes 2" in proc.stdout
+    ckpt = models.load_checkpoint(os.path.join(out, "last.pt"))     # loads in one process
+    f, g = models.from_checkpoint(ckpt)
+    assert g is not None and not any(k.startswith("module.") for k in ckpt["model"])
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
