@@ -1,4 +1,5 @@
-"""L-inf attacks in [0, 1] pixel space: FGSM, PGD (CE, CW-inf margin or KL loss), CW-inf.
+"""L-inf attacks in [0, 1] pixel space: FGSM, PGD (CE, CW-inf margin or KL loss), CW-inf,
+FAT's early-stopped PGD and multi-targeted PGD.
 
 Every attack has the shape `attack(model, x, y, eps, ...) -> x_adv` and guarantees
     |x_adv - x| <= eps  and  0 <= x_adv <= 1  elementwise,
@@ -66,6 +67,14 @@ def input_grad(model, x_adv, y, loss="ce", kappa=50.0, log_p_nat=None):
     return grad
 
 
+def random_init(x, eps, random_start):
+    """x itself (random_start False), or x + U(-r, r) projected: r = eps for True, else the number."""
+    if random_start is False or random_start is None:
+        return x.detach()
+    r = eps if random_start is True else float(random_start)
+    return project(x + torch.empty_like(x).uniform_(-r, r), x, eps)
+
+
 def fgsm(model, x, y, eps):
     """FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps on the CE loss."""
     with eval_mode(model):
@@ -78,16 +87,15 @@ def pgd(model, x, y, eps, alpha, steps, random_start=False, loss="ce", kappa=50.
 
     loss: "ce" cross-entropy, "cw" CW-inf margin with confidence `kappa`, or "kl"
     (KL from the natural prediction, TRADES' inner maximisation; `y` is then unused).
-    random_start: start from x + U(-eps, eps) (clipped to the box) instead of x.
+    random_start: start from x + U(-r, r), projected, instead of x; r = eps for True, or the
+    number given (the authors' MNIST code starts from r = 0.1).
     """
     with eval_mode(model):
         log_p_nat = None
         if loss == "kl":
             with torch.no_grad():
                 log_p_nat = F.log_softmax(model(x).float(), dim=1)
-        x_adv = x.detach()
-        if random_start:
-            x_adv = project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        x_adv = random_init(x, eps, random_start)
         for _ in range(steps):
             grad = input_grad(model, x_adv, y, loss, kappa, log_p_nat)
             x_adv = project(x_adv + alpha * grad.sign(), x, eps)
@@ -111,7 +119,7 @@ def pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="kl", kappa=50.0, r
         if loss == "kl":
             with torch.no_grad():
                 log_p_nat = F.log_softmax(model(x).float(), dim=1)
-        x_adv = project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps) if random_start else x.detach()
+        x_adv = random_init(x, eps, random_start)
         budget = torch.full_like(y, tau)                  # steps still allowed after misclassification
         active = torch.ones_like(y, dtype=torch.bool)
         for _ in range(steps):
@@ -128,3 +136,53 @@ def pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="kl", kappa=50.0, r
             step = alpha * grad.sign() * active.view(-1, *[1] * (x.dim() - 1))
             x_adv = project(x_adv + step, x, eps)
         return x_adv.detach()
+
+
+def _margin_and_grad(model, x_adv, y, t):
+    """Logits at x_adv (fp32, detached) and the input gradient of sum_i (z_t - z_y)_i."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x_adv).float()
+        value = (logits.gather(1, t[:, None]) - logits.gather(1, y[:, None])).sum()
+        (grad,) = torch.autograd.grad(value, x_adv)
+    return logits.detach(), grad
+
+
+def _keep_stronger(best, x_adv, logits, y):
+    """Per example, keep x_adv where its true-class margin z_y - max_{j != y} z_j is lower than
+    the best so far. A margin < 0 means misclassified, so a success always beats a failure.
+    best: (x (N, ...), margin (N,)); returns the updated pair."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    margin = z_y - logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    better = margin < best[1]
+    x_best = torch.where(better.view(-1, *[1] * (x_adv.dim() - 1)), x_adv, best[0])
+    return x_best, torch.where(better, margin, best[1])
+
+
+def mtpgd(model, x, y, eps, alpha, steps, num_targets=None, random_start=False):
+    """Multi-targeted PGD (Gowal et al. 2019): `steps` signed-gradient steps of size `alpha`
+    ascending the margin z_t - z_y, run once towards each wrong class t in turn.
+
+    Targets: the `num_targets` wrong classes with the highest clean logits (all of them when
+    None: 9 for 10 classes). Cost: num_targets * (steps + 1) forward, num_targets * steps
+    backward passes. Per example the strongest iterate over all targets and steps is returned
+    (see _keep_stronger): misclassified if any target succeeded, else the one closest to it.
+    x itself is the first candidate, so the result is never weaker than no attack.
+    random_start: each target's run starts from x + U(-eps, eps) (clipped to the box).
+    """
+    with eval_mode(model):
+        with torch.no_grad():
+            logits = model(x).float()
+        n_wrong = logits.shape[1] - 1
+        k = n_wrong if num_targets is None else max(1, min(num_targets, n_wrong))
+        targets = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).topk(k, 1).indices
+        best = _keep_stronger((x.detach(), torch.full_like(y, float("inf"), dtype=logits.dtype)), x, logits, y)
+        for t in targets.unbind(1):                      # t: (N,), one target class per example
+            x_adv = project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps) if random_start else x.detach()
+            for _ in range(steps):
+                logits, grad = _margin_and_grad(model, x_adv, y, t)
+                best = _keep_stronger(best, x_adv, logits, y)
+                x_adv = project(x_adv + alpha * grad.sign(), x, eps)
+            with torch.no_grad():
+                best = _keep_stronger(best, x_adv, model(x_adv).float(), y)
+        return best[0].detach()

@@ -120,6 +120,8 @@ def build_parser():
     a("--alpha", type=fraction, help="PGD step size, pixel units. default: eps/20 (mnist), 2/255 (cifar)")
     a("--steps", type=int, help="PGD steps T of the training attack. default: 20 (mnist), 10 (cifar)")
     a("--kappa", type=float, help="CW confidence for --attack cw, in logits. default: 150 (mnist), 50 (cifar)")
+    a("--start", type=fraction, help="radius of the uniform random start of the training attack, pixel units. "
+      "default: eps (the paper); the authors' MNIST code uses 0.1")
     a("--tau-milestones", type=int, nargs="*", help="FAT: tau (steps allowed after misclassification) grows "
       "by 1 after each of these epochs. default: 50 90 (cifar)")
     a("--epochs", type=int, help="default: 40 (mnist), 130 (cifar)")
@@ -178,6 +180,7 @@ def check_config(cfg):
         (cfg["beta"] >= 0, f"--beta {cfg['beta']} must be >= 0"),
         (cfg["beta1"] >= 0, f"--beta1 {cfg['beta1']} must be >= 0"),
         (cfg["kappa"] >= 0, f"--kappa {cfg['kappa']} must be >= 0"),
+        (cfg["start"] is None or cfg["start"] > 0, f"--start {cfg['start']} must be > 0"),
         (cfg["epochs"] >= 1, f"--epochs {cfg['epochs']} must be >= 1"),
         (cfg["batch_size"] >= 1, f"--batch-size {cfg['batch_size']} must be >= 1"),
         (cfg["lr"] > 0, f"--lr {cfg['lr']} must be > 0"),
@@ -213,13 +216,16 @@ class Nets:
 
 
 def perturb(f, x, y, cfg, epoch=1):
-    """Step 1: the training perturbation, f in eval mode, random start. Returns delta."""
+    """Step 1: the training perturbation, f in eval mode, random start. Returns delta.
+    f's parameters are frozen meanwhile: the attack needs input gradients only, and a
+    torch.compile'd f would otherwise compute and drop every weight gradient, T times."""
     args = (f, x, y, cfg["eps"], cfg["alpha"], cfg["steps"])
-    loss = ATTACK_LOSS[cfg["attack"]]
-    if cfg["method"] == "fat":
-        x_adv = attacks.pgd_early_stop(*args, tau=tau_at(cfg, epoch), loss=loss, kappa=cfg["kappa"])
-    else:
-        x_adv = attacks.pgd(*args, random_start=True, loss=loss, kappa=cfg["kappa"])
+    kw = dict(loss=ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"], random_start=cfg["start"] or True)
+    with frozen(f):
+        if cfg["method"] == "fat":
+            x_adv = attacks.pgd_early_stop(*args, tau=tau_at(cfg, epoch), **kw)
+        else:
+            x_adv = attacks.pgd(*args, **kw)
     return x_adv - x
 
 
@@ -315,6 +321,9 @@ class Runtime:
             nets.f_train, nets.g_train = nets.f, nets.g
         nets.f_fast = nets.f
         if cfg["compile"]:
+            # every compiled module shares one dynamo frame: CAT needs ~5 graphs (f in attack, train,
+            # no-grad and frozen modes, g), and a short last batch adds one per mode; 8 is too few
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
             nets.f_fast = torch.compile(nets.f)
             nets.f_train = nets.f_fast if self.world == 1 else torch.compile(nets.f_train)
             nets.g_train = nets.g_train and torch.compile(nets.g_train)
@@ -445,8 +454,12 @@ class StopFlag:
 
     def __init__(self):
         self.set = False
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        """Give the signals back to whoever had them (a notebook, a test runner)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         if self.set:
@@ -500,6 +513,14 @@ def run_epoch(nets, train, cfg, rt, epoch, start=0, partial=None, stop=None):
 
 
 def main(argv=None):
+    stop = StopFlag()                 # first: a Ctrl-C at any point below ends in a clean save
+    try:
+        run(argv, stop)
+    finally:
+        stop.restore()
+
+
+def run(argv, stop):
     cfg = parse_config(argv)
     prepare_out(cfg)
     ckpt = None
@@ -536,11 +557,11 @@ def main(argv=None):
     if rt.main:
         with open(os.path.join(cfg["out"], "config.json"), "w") as fh:
             json.dump({k: v for k, v in cfg.items() if k != "explicit"}, fh, indent=1, sort_keys=True)
-    train_loop(nets, train, val, cfg, rt, start_epoch, step, best, partial, log)
+    train_loop(nets, train, val, cfg, rt, start_epoch, step, best, partial, log, stop)
 
 
-def train_loop(nets, train, val, cfg, rt, start_epoch, step, best, partial, log):
-    stop, run_start = StopFlag(), time.time()
+def train_loop(nets, train, val, cfg, rt, start_epoch, step, best, partial, log, stop):
+    run_start = time.time()
     last_path = os.path.join(cfg["out"], "last.pt")
     for epoch in range(start_epoch, cfg["epochs"] + 1):
         for opt in (nets.opt_f, nets.opt_g):
