@@ -58,13 +58,27 @@ def _loss_per_example(logits, y, loss, kappa, log_p_nat):
     raise ValueError(f"unknown attack loss {loss!r}: use 'ce', 'cw' or 'kl'")
 
 
-def input_grad(model, x_adv, y, loss="ce", kappa=50.0, log_p_nat=None):
-    """Gradient of the summed per-example loss with respect to x_adv (not the parameters)."""
+def natural_log_probs(model, x, loss):
+    """log P(.|x), the fixed reference of the "kl" loss (None for the other losses)."""
+    if loss != "kl":
+        return None
+    with torch.no_grad():
+        return F.log_softmax(model(x).float(), dim=1)
+
+
+def grad_and_logits(model, x_adv, y, loss="ce", kappa=50.0, log_p_nat=None):
+    """(gradient of the summed per-example loss w.r.t. x_adv, not the parameters; logits at x_adv)."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
-        value = _loss_per_example(model(x_adv), y, loss, kappa, log_p_nat).sum()
+        logits = model(x_adv)
+        value = _loss_per_example(logits, y, loss, kappa, log_p_nat).sum()
         (grad,) = torch.autograd.grad(value, x_adv)
-    return grad
+    return grad, logits.detach()
+
+
+def input_grad(model, x_adv, y, loss="ce", kappa=50.0, log_p_nat=None):
+    """Gradient of the summed per-example loss with respect to x_adv (not the parameters)."""
+    return grad_and_logits(model, x_adv, y, loss, kappa, log_p_nat)[0]
 
 
 def random_init(x, eps, random_start):
@@ -91,10 +105,7 @@ def pgd(model, x, y, eps, alpha, steps, random_start=False, loss="ce", kappa=50.
     number given (the authors' MNIST code starts from r = 0.1).
     """
     with eval_mode(model):
-        log_p_nat = None
-        if loss == "kl":
-            with torch.no_grad():
-                log_p_nat = F.log_softmax(model(x).float(), dim=1)
+        log_p_nat = natural_log_probs(model, x, loss)
         x_adv = random_init(x, eps, random_start)
         for _ in range(steps):
             grad = input_grad(model, x_adv, y, loss, kappa, log_p_nat)
@@ -115,19 +126,12 @@ def pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="kl", kappa=50.0, r
     freezes it. tau = 0 stops at the first misclassified iterate.
     """
     with eval_mode(model):
-        log_p_nat = None
-        if loss == "kl":
-            with torch.no_grad():
-                log_p_nat = F.log_softmax(model(x).float(), dim=1)
+        log_p_nat = natural_log_probs(model, x, loss)
         x_adv = random_init(x, eps, random_start)
         budget = torch.full_like(y, tau)                  # steps still allowed after misclassification
         active = torch.ones_like(y, dtype=torch.bool)
         for _ in range(steps):
-            x_in = x_adv.detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = model(x_in)
-                value = _loss_per_example(logits, y, loss, kappa, log_p_nat).sum()
-                (grad,) = torch.autograd.grad(value, x_in)
+            grad, logits = grad_and_logits(model, x_adv, y, loss, kappa, log_p_nat)
             wrong = logits.argmax(1) != y
             active &= ~(wrong & (budget == 0))
             budget -= (wrong & active).long()

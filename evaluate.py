@@ -36,8 +36,8 @@ from train import OneLineParser
 # ============================================================================ settings
 
 NAMES = {"natural": "NATURAL", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100", "cw": "CW-inf",
-         "mtpgd": "MT-PGD", "square": "Square", "autoattack": "AA"}
-RESTARTABLE = {"pgd20", "pgd100", "cw", "mtpgd"}         # --restarts applies to these
+         "mtpgd": "MT-PGD", "square": "Square", "autoattack": "AA", "pgd10rs": "PGD-10rs"}
+RESTARTABLE = {"pgd20", "pgd100", "cw", "mtpgd", "pgd10rs"}   # --restarts applies to these
 EXTERNAL = {"square", "autoattack"}                       # from pyautoattack, imported only when asked for
 SANITY = ("eps0", "large_eps")                            # --sanity: not attacks of the threat model
 
@@ -89,6 +89,8 @@ def run_attack(name, f, x, y, s, random_start=False):
             return attacks.fgsm(f, x, y, s["eps"])
         if name in ("pgd20", "pgd100"):
             return attacks.pgd(f, x, y, s["eps"], s["alpha"], s["pgd_steps"][name], random_start)
+        if name == "pgd10rs":       # the paper's Figures 4-5: PGD-10, random start, step eps/4 (2/255 on CIFAR)
+            return attacks.pgd(f, x, y, s["eps"], s["eps"] / 4, 10, random_start=True)
         if name == "cw":
             return attacks.cw_inf(f, x, y, s["cw_eps"], s["cw_alpha"], s["cw_steps"], s["kappa"])
         if name == "mtpgd":

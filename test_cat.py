@@ -358,10 +358,10 @@ def test_cli_train_and_evaluate_mnist(tmp_path):
     line = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[0])
     assert {"loss_f", "loss_g", "val_natural", "val_pgd20", "lr", "seconds", "images_per_s"} <= set(line)
     result = str(tmp_path / "eval.json")
-    proc = run_cli("evaluate.py", os.path.join(out, "best.pt"), "--attacks", "natural,fgsm,pgd20",
+    proc = run_cli("evaluate.py", os.path.join(out, "best.pt"), "--attacks", "natural,fgsm,pgd20,pgd10rs",
                    "--subset", "50", "--json", result, "--device", "cpu")
     numbers = json.load(open(result))
-    assert {"natural", "fgsm", "pgd20", "avg"} <= set(numbers) and numbers["n_test"] == 50
+    assert {"natural", "fgsm", "pgd20", "pgd10rs", "avg"} <= set(numbers) and numbers["n_test"] == 50
     assert 0 <= numbers["pgd20"] <= numbers["natural"] <= 100
     assert "PGD-20" in proc.stdout and "Avg" in proc.stdout
 
