@@ -527,7 +527,8 @@ def run(argv, stop):
     if cfg["resume"]:
         cfg, ckpt = resume_config(cfg)
     rt = Runtime(cfg)
-    log = print if rt.main else (lambda *a, **k: None)
+    # flushed, so lines reach a pipe (tee, a job log, a parent process) when they happen
+    log = (lambda *a: print(*a, flush=True)) if rt.main else (lambda *a: None)
     try:
         train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=log)
     except data.DataError as e:
