@@ -47,6 +47,26 @@ def weighted_ce(logits, y):
     return (-log_p_y * (1.0 - log_p_y.exp())).mean()
 
 
+def mask_of(z):
+    """Eq. 11's sigmoid: M = sigmoid(z) from g_phi's logits z, always in fp32.
+
+    Under bf16 autocast a bf16 sigmoid rounds to exactly 1.0 for z above ~6 and its gradient
+    is then 0, so a mask near 1 could never move again; in fp32 it keeps a gradient."""
+    with torch.autocast(z.device.type, enabled=False):
+        return torch.sigmoid(z.float())
+
+
+def logit_wall(z, bound=5.0):
+    """A soft wall on the mask logits: mean(relu(|z| - bound)^2), 0 while |z| <= bound.
+
+    Not in the paper; added to Eq. 14 by default (see train.py's `mask_step`). Eq. 14 pulls
+    M towards 0 in the first steps, while f is weak and delta raises the CE; without a wall
+    z runs to about -15, where sigmoid'(z) ~ 3e-7 and g_phi cannot come back when Eq. 14's
+    gradient turns (the mask collapse). Inside the wall (M in [0.0067, 0.9933] for bound 5)
+    Eq. 14 is untouched."""
+    return (z.float().abs() - bound).clamp(min=0.0).pow(2).mean()
+
+
 def calibrate(x, delta, mask):
     """Eq. 10: x_cali = x + M * delta, clipped to the [0, 1] box.
 

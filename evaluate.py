@@ -29,9 +29,10 @@ import torch
 
 import attacks
 import cat
+import common
 import data
 import models
-from train import OneLineParser
+from common import OneLineParser
 
 # ============================================================================ settings
 
@@ -262,7 +263,7 @@ def mask_report(f, g, split, cfg, batch_size, n_images=8):
     """Mask statistics and the Figure-2 grid for a CAT checkpoint.
 
     delta = PGD-20(f, x) - x at the checkpoint's training eps and step (no random start), and
-    M = g(x + delta) as in train.train_step. Returns ({mean, mean_bright, mean_dark, ...}, grid
+    M = sigmoid(g(x + delta)) as in train.train_step. Returns ({mean, mean_bright, mean_dark, ...}, grid
     images): "bright" pixels have x > 0.5 (per channel). The grid rows are x, x + delta, M and
     the calibrated x + M * delta (Eq. 10) of the first `n_images` examples."""
     sums = torch.zeros(4, dtype=torch.float64)      # sum M, sum M on bright, count bright, count all
@@ -270,7 +271,7 @@ def mask_report(f, g, split, cfg, batch_size, n_images=8):
     for x, y in data.batches(split, batch_size):
         delta = attacks.pgd(f, x, y, cfg["eps"], cfg["alpha"], 20) - x
         with torch.no_grad(), attacks.eval_mode(g):
-            mask = g(x + delta).float()
+            mask = cat.mask_of(g(x + delta))
         bright = (x > 0.5).float()
         sums += torch.tensor([mask.sum().item(), (mask * bright).sum().item(), bright.sum().item(), mask.numel()],
                              dtype=torch.float64)
@@ -423,7 +424,7 @@ def load_models(args, device):
     """Every checkpoint, checked before any evaluation starts: a bad one costs no compute."""
     loaded = []
     for path in args.checkpoints:
-        ckpt = models.load_checkpoint(path, device)
+        ckpt = common.load_checkpoint(path, device)
         cfg = ckpt["config"]
         for flag in ("dataset", "arch"):
             wanted = getattr(args, flag)
@@ -431,8 +432,8 @@ def load_models(args, device):
                 die(f"{path} was trained with {flag} {cfg.get(flag)}, not --{flag} {wanted}; "
                     f"drop --{flag} or pass a {wanted} checkpoint")
         if cfg.get("dataset") not in SETTINGS:
-            raise models.CheckpointError(f"{path}: unknown dataset {cfg.get('dataset')!r} in its config")
-        f, g = models.from_checkpoint(ckpt, device)
+            raise common.CheckpointError(f"{path}: unknown dataset {cfg.get('dataset')!r} in its config")
+        f, g = common.from_checkpoint(ckpt, device)
         if args.save_masks and g is None:
             die(f"{path} has no mask network (not a CAT checkpoint, or trained with --no-mask); "
                 "--save-masks needs one: drop it or pass a CAT checkpoint")
@@ -460,7 +461,7 @@ def main(argv=None):
         for dataset in dict.fromkeys(m["dataset"] for m in loaded):
             test = data.load(dataset, args.data_dir)[2]
             splits[dataset] = test.take(torch.arange(min(args.subset or len(test), len(test)))).to(device)
-    except (models.CheckpointError, data.DataError) as e:
+    except (common.CheckpointError, data.DataError) as e:
         die(str(e))
     results, grids = [], []
     for m in loaded:

@@ -4,14 +4,15 @@ All models take images in [0, 1]; CIFAR normalisation is each CIFAR model's firs
 so attack budgets are in pixel units. `build(name, dataset)` is the one entry point.
 
     mnist_cnn       MNIST classifier (4 conv + 2 linear, as the authors' code)
-    mnist_mask      MNIST g_phi: 3 conv (LeakyReLU 0.2), upsample to 28x28, conv, sigmoid
+    mnist_mask      MNIST g_phi: 3 conv (LeakyReLU 0.2), upsample to 28x28, conv
     preact18        PreAct ResNet-18 (He et al. 2016)
     wrn34_10        WideResNet-34-10 (Zagoruyko & Komodakis 2016)
-    resnet18_mask   CIFAR g_phi: ResNet-18 trunk, nearest upsample to 32x32, conv, sigmoid
-"""
-import os
-import pickle
+    resnet18_mask   CIFAR g_phi: ResNet-18 trunk, nearest upsample to 32x32, conv
 
+The mask networks return the pre-sigmoid logits z, shape of x; the mask is M = sigmoid(z),
+taken in fp32 by `cat.mask_of` (under bf16 autocast a bf16 sigmoid rounds to exactly 1 for
+z above ~6, with zero gradient). The paper's g_phi ends in that sigmoid.
+"""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,14 +52,14 @@ def mnist_cnn(num_classes=10):
 
 
 def mnist_mask():
-    """g_phi for MNIST: reads x + delta (N,1,28,28), returns M in (0,1) of the same shape."""
+    """g_phi for MNIST without its sigmoid: reads x + delta (N,1,28,28), returns logits z of that shape."""
     act = lambda: nn.LeakyReLU(0.2)
     return nn.Sequential(
         nn.Conv2d(1, 64, 3, stride=2, padding=1), act(),          # 14x14
         nn.Conv2d(64, 128, 3, padding=1), act(),
         nn.Conv2d(128, 128, 3, padding=1), act(),
         nn.Upsample(size=(28, 28), mode="nearest"),
-        nn.Conv2d(128, 1, 3, padding=1), nn.Sigmoid(),
+        nn.Conv2d(128, 1, 3, padding=1),                          # z; M = sigmoid(z) in cat.mask_of
     )
 
 
@@ -146,7 +147,7 @@ class WideResNet(nn.Module):
 
 
 class ResNet18Mask(nn.Module):
-    """g_phi for CIFAR: ResNet-18 trunk (512 x 4 x 4), nearest upsample to 32x32, 3x3 conv 512-3, sigmoid."""
+    """g_phi for CIFAR: ResNet-18 trunk (512 x 4 x 4), nearest upsample to 32x32, 3x3 conv 512-3 -> logits z."""
 
     def __init__(self, stats=STATS["cifar10"]):
         super().__init__()
@@ -158,7 +159,7 @@ class ResNet18Mask(nn.Module):
     def forward(self, x):
         out = self.layers(self.stem(self.normalize(x)))         # (N, 512, 4, 4)
         out = F.interpolate(out, size=x.shape[-2:], mode="nearest")
-        return torch.sigmoid(self.head(out))
+        return self.head(out)                                    # z; M = sigmoid(z) in cat.mask_of
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -184,44 +185,3 @@ def build(name, dataset):
     if name == "wrn34_10":
         return WideResNet(34, 10, classes, stats)
     return ResNet18Mask(stats)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, truncated, foreign or unsafe, with what to do about it."""
-
-
-def load_checkpoint(path, device="cpu"):
-    """Read a train.py checkpoint with torch.load(weights_only=True): tensors and plain values
-    only, so a file that smuggles in a pickled object is refused and its payload never runs."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint; pass the best.pt or last.pt that train.py wrote")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({first[:120]}); "
-                              "load only checkpoints written by train.py") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
-                              f"({type(e).__name__}); use another copy or retrain") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= set(ckpt):
-        raise CheckpointError(f"{path}: not a train.py checkpoint (needs the keys model, config, epoch)")
-    return ckpt
-
-
-def from_checkpoint(ckpt, device="cpu"):
-    """(classifier, mask network or None) rebuilt from a checkpoint dict, in eval mode."""
-    cfg = ckpt["config"]
-    try:
-        f = build(cfg["arch"], cfg["dataset"])
-        f.load_state_dict(ckpt["model"])
-        g = None
-        if ckpt.get("mask") is not None:
-            g = build(MASKS[cfg["dataset"]], cfg["dataset"])
-            g.load_state_dict(ckpt["mask"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint does not match its own config ({first[:160]})") from None
-    return f.to(device).eval(), (g.to(device).eval() if g is not None else None)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import attacks
 import cat
+import common
 import data
 import models
 import train
@@ -198,9 +199,28 @@ def test_classifier_shapes(dataset, arch):
 def test_mask_shape_and_range(dataset):
     g = models.build(models.MASKS[dataset], dataset)
     x = torch.rand(3, *models.SHAPES[dataset])
-    mask = g(x)
-    assert mask.shape == x.shape
+    mask = cat.mask_of(g(x))
+    assert mask.shape == x.shape and mask.dtype == torch.float32
     assert (mask > 0).all() and (mask < 1).all()
+
+
+def test_mask_near_one_keeps_a_gradient_under_bf16():
+    # a bf16 sigmoid rounds to exactly 1 for z > ~6 and its gradient vanishes; cat.mask_of stays fp32
+    z = torch.full((2, 1, 4, 4), 8.0, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = torch.sigmoid(z.bfloat16())
+        mask = cat.mask_of(z.bfloat16())
+    assert (bf16 == 1).all()                              # the trap the fp32 sigmoid avoids
+    assert mask.dtype == torch.float32 and (mask < 1).all()
+    mask.sum().backward()
+    assert (z.grad > 1e-4).all()
+
+
+def test_logit_wall_is_zero_inside_and_grows_outside():
+    z = torch.tensor([-7.0, -5.0, 0.0, 4.0, 6.0], requires_grad=True)
+    cat.logit_wall(z, 5.0).backward()
+    assert cat.logit_wall(z, 5.0).item() == pytest.approx((4 + 0 + 0 + 0 + 1) / 5)
+    assert z.grad.tolist() == pytest.approx([-4 / 5, 0, 0, 0, 2 / 5])
 
 
 def test_build_rejects_arch_of_other_dataset():
@@ -234,7 +254,7 @@ def test_one_mask_update_lowers_eq14():
     def eq14():
         with torch.no_grad():
             logits_adv = f(x + delta)
-        return cat.mask_loss(logits_adv, f(cat.calibrate(x, delta, g(x + delta))), y, cfg["beta1"])[0]
+        return cat.mask_loss(logits_adv, f(cat.calibrate(x, delta, cat.mask_of(g(x + delta)))), y, cfg["beta1"])[0]
 
     before = eq14()
     opt.zero_grad()
@@ -267,7 +287,7 @@ def test_f_gradient_is_eq13_only():
     grads = [p.grad.clone() for p in f.parameters()]
     torch.manual_seed(1)                                   # same random start -> same delta
     delta = train.perturb(f, x, y, cfg)
-    mask = g(x + delta).detach()
+    mask = cat.mask_of(g(x + delta)).detach()
     f.zero_grad()
     cat.classifier_loss(f(x), f(cat.calibrate(x, delta, mask)), y, cfg["beta"])[0].backward()
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(grads, f.parameters()))
@@ -461,8 +481,8 @@ TINY = ["--dataset", "mnist", "--subset", "100", "--steps", "1", "--val-size", "
 def test_every_method_trains_one_cli_epoch(flags, tmp_path):
     out = str(tmp_path / "run")
     train.main(TINY + flags + ["--epochs", "1", "--out", out])
-    ckpt = models.load_checkpoint(os.path.join(out, "last.pt"))
-    f, g = models.from_checkpoint(ckpt)
+    ckpt = common.load_checkpoint(os.path.join(out, "last.pt"))
+    f, g = common.from_checkpoint(ckpt)
     assert (g is not None) == (ckpt["config"]["method"] == "cat" and ckpt["config"]["mask"])
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
 
@@ -687,7 +707,7 @@ def test_ddp_two_cpu_processes(tmp_path):
                    "--batch-size", "50", "--epochs", "1", "--device", "cpu", "--out", out)
     assert proc.stdout.count("epoch 1: val natural") == 1          # only rank 0 logs
     assert "processes 2" in proc.stdout
-    ckpt = models.load_checkpoint(os.path.join(out, "last.pt"))     # loads in one process
-    f, g = models.from_checkpoint(ckpt)
+    ckpt = common.load_checkpoint(os.path.join(out, "last.pt"))     # loads in one process
+    f, g = common.from_checkpoint(ckpt)
     assert g is not None and not any(k.startswith("module.") for k in ckpt["model"])
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import attacks
 import cat
+import common
 import data
 import models
 
@@ -34,7 +35,7 @@ import models
 
 # The paper's settings per dataset (Sec. 5.1.1) and, where it is silent, the authors' code's.
 DEFAULTS = {
-    "mnist": dict(arch="mnist_cnn", eps=0.3, alpha=0.3 / 20, steps=20, beta=1.0, beta1=0.3, kappa=150.0,
+    "mnist": dict(arch="mnist_cnn", eps=0.3, alpha=None, steps=20, beta=1.0, beta1=0.3, kappa=150.0,
                   epochs=40, batch_size=100, optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
                   milestones=[30], tau_milestones=[], augment=False, eval_eps=0.3, eval_alpha=0.015),
     "cifar10": dict(arch="preact18", eps=8 / 255, alpha=2 / 255, steps=10, beta=5.0, beta1=0.05, kappa=50.0,
@@ -42,6 +43,8 @@ DEFAULTS = {
                     milestones=[100, 120], tau_milestones=[], augment=True, eval_eps=8 / 255, eval_alpha=0.003),
 }
 DEFAULTS["cifar100"] = dict(DEFAULTS["cifar10"])
+for _d in DEFAULTS.values():
+    _d.update(stabiliser="wall", wall=5.0, wall_weight=1.0, warmup_steps=200)
 
 # Each baseline's own paper's (or public code's) training settings, over the dataset defaults.
 # MART and FAT published no MNIST setting: there they keep the dataset defaults above.
@@ -131,6 +134,11 @@ def build_parser():
     a("--momentum", type=float, help="SGD momentum. default: 0.9 (cifar)")
     a("--weight-decay", type=float, help="SGD weight decay. default: 5e-4 (cifar)")
     a("--milestones", type=int, nargs="*", help="epochs after which lr is divided by 10. default: 30 (mnist), 100 120 (cifar)")
+    a("--stabiliser", choices=["none", "wall", "reset", "ramp", "fwarm"], help="experimental")
+    a("--wall", type=float)
+    a("--wall-weight", type=float)
+    a("--warmup-steps", type=int)
+    a("--max-steps", type=int, help="experimental: stop an epoch after this many steps")
     a("--seed", type=int, default=0)
     a("--subset", type=int, help="train on the first N examples of a seeded shuffle of the training split")
     a("--val-size", type=int, default=1000, help="held-out training examples used to pick best.pt")
@@ -213,6 +221,7 @@ class Nets:
     def __init__(self, f, g, opt_f, opt_g):
         self.f, self.g, self.opt_f, self.opt_g = f, g, opt_f, opt_g
         self.f_fast, self.f_train, self.g_train = f, f, g
+        self.step = 0
 
 
 def perturb(f, x, y, cfg, epoch=1):
@@ -233,10 +242,13 @@ def train_step(nets, x, y, cfg, epoch=1):
     """One step of cfg['method'] on a batch; returns a dict of detached scalar tensors."""
     delta = perturb(nets.f_fast, x, y, cfg, epoch)
     use_mask = cfg["method"] == "cat" and cfg["mask"]
+    nets.step += 1
     if use_mask:                              # step 2: one forward of g_phi, graph kept for step 4
         nets.g.train()
-        mask = nets.g_train(x + delta)        # (N, C, H, W) in (0, 1)
-        x_train = cat.calibrate(x, delta, mask.detach())
+        z = nets.g_train(x + delta)           # (N, C, H, W) logits; M = sigmoid(z) in fp32
+        mask = cat.mask_of(z)
+        warm = cfg["stabiliser"] == "fwarm" and nets.step <= cfg["warmup_steps"]
+        x_train = x + delta if warm else cat.calibrate(x, delta, mask.detach())
     else:
         x_train = x + delta
     nets.f.train()                            # step 3: classifier update (Eq. 13 for CAT)
@@ -247,20 +259,32 @@ def train_step(nets, x, y, cfg, epoch=1):
     nets.opt_f.step()
     logs = {"loss_f": loss_f.detach(), "nat": nat, "rob": rob}
     if use_mask:
-        logs.update(mask_step(nets, x, y, delta, mask, cfg))
+        logs.update(mask_step(nets, x, y, delta, z, mask, cfg))
     return logs
 
 
-def mask_step(nets, x, y, delta, mask, cfg):
+def mask_step(nets, x, y, delta, z, mask, cfg):
     """Step 4: g_phi update on Eq. 14 with the updated f fixed (eval mode, no parameter grads)."""
+    beta1 = cfg["beta1"]
+    if cfg["stabiliser"] == "ramp":
+        beta1 *= min(1.0, nets.step / cfg["warmup_steps"])
     with attacks.eval_mode(nets.f), frozen(nets.f):
         with torch.no_grad():
             logits_adv = nets.f_fast(x + delta)
-        loss_g, kl, ce = cat.mask_loss(logits_adv, nets.f_fast(cat.calibrate(x, delta, mask)), y, cfg["beta1"])
+        loss_g, kl, ce = cat.mask_loss(logits_adv, nets.f_fast(cat.calibrate(x, delta, mask)), y, beta1)
+        if cfg["stabiliser"] == "wall":
+            loss_g = loss_g + cfg["wall_weight"] * cat.logit_wall(z, cfg["wall"])
         nets.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         nets.opt_g.step()
-    return {"loss_g": loss_g.detach(), "kl_g": kl, "ce_g": ce, "mask": mask.detach().float().mean()}
+    m = mask.detach()
+    mean = m.mean()
+    if cfg["stabiliser"] == "reset" and not 0.01 <= mean.item() <= 0.99:
+        nets.opt_g.state.clear()
+    q = torch.quantile(z.detach().float().flatten()[:1 << 20], torch.tensor([0.01, 0.5, 0.99], device=z.device))
+    return {"loss_g": loss_g.detach(), "kl_g": kl, "ce_g": ce, "mask": mean,
+            "mask_lo": (m < 0.01).float().mean(), "mask_hi": (m > 0.99).float().mean(),
+            "z_q01": q[0], "z_q50": q[1], "z_q99": q[2]}
 
 
 class frozen:
@@ -420,8 +444,8 @@ def prepare_out(cfg):
 def resume_config(cfg):
     """The saved run's config, with only the RESUMABLE flags taken from the command line."""
     try:
-        ckpt = models.load_checkpoint(os.path.join(cfg["out"], "last.pt"))
-    except models.CheckpointError as e:
+        ckpt = common.load_checkpoint(os.path.join(cfg["out"], "last.pt"))
+    except common.CheckpointError as e:
         die(f"--resume: {e}")
     saved = ckpt["config"]
     for key in cfg["explicit"]:
@@ -507,7 +531,7 @@ def run_epoch(nets, train, cfg, rt, epoch, start=0, partial=None, stop=None):
                 print(f"epoch {epoch} [{i}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, "
                       f"epoch ETA {fmt_time((n_batches - i) / rate)}, " +
                       " ".join(f"{k} {v.item() / i:.4f}" for k, v in sums.items()), flush=True)
-        if stop and stop.set:
+        if (stop and stop.set) or (cfg.get("max_steps") and i >= cfg["max_steps"]):
             break
     return sums, i, partial.get("seconds", 0.0) + time.time() - t0
 

@@ -1,0 +1,148 @@
+"""Plumbing shared by the entry scripts (train.py, evaluate.py, bench.py): one-line errors,
+the '8/255' number type, device choice, atomic writes, checkpoint loading, and the paper's
+test-time attack with the one function that scores a model under it.
+
+The method itself (cat.py, attacks.py, models.py, data.py) does not import this file.
+"""
+import argparse
+import json
+import os
+import pickle
+import sys
+
+import torch
+
+import attacks
+import data
+import models
+
+# The paper's test-time attacks (Sec. 5.1.1), in [0, 1] pixel units: PGD without random start,
+# eps 0.3 / step 0.015 on MNIST and 8/255 / 0.003 on CIFAR; CW-inf as in FAT (30 steps, kappa 50).
+TEST_ATTACK = {
+    "mnist": dict(eps=0.3, alpha=0.015, cw_eps=0.3, cw_alpha=0.015, cw_steps=30, kappa=50.0),
+    "cifar10": dict(eps=8 / 255, alpha=0.003, cw_eps=0.031, cw_alpha=0.003, cw_steps=30, kappa=50.0),
+}
+TEST_ATTACK["cifar100"] = TEST_ATTACK["cifar10"]
+
+
+# ============================================================================ command line
+
+def fraction(text):
+    """A float that may be written as a fraction: '0.3', '8/255'."""
+    num, _, den = text.partition("/")
+    try:
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line on stderr and exits with code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def die(message, code=2):
+    """One line on stderr naming the script, no traceback, exit `code` (2: bad input)."""
+    print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+# ============================================================================ device
+
+def pick_device(choice="auto", index=0):
+    """'auto' | 'cpu' | 'cuda' -> torch.device, or one line and exit 2 when CUDA is asked for and absent."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        die("--device cuda but no CUDA device is visible; use --device cpu")
+    if choice != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def bf16_available(device):
+    """bf16 autocast pays off: any recent GPU, or a CPU with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# ============================================================================ files
+
+def write_atomic(path, write):
+    """Call write(tmp_path), then rename over `path`: readers never see a half-written file,
+    and an error or a kill half-way leaves the old file as it was."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+    write_atomic(path, write)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, truncated, foreign or unsafe, with what to do about it."""
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a train.py checkpoint with torch.load(weights_only=True): tensors and plain values
+    only, so a file that smuggles in a pickled object is refused and its payload never runs."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint; pass the best.pt or last.pt that train.py wrote")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({first[:120]}); "
+                              "load only checkpoints written by train.py") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
+                              f"({type(e).__name__}); use another copy or retrain") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= set(ckpt):
+        raise CheckpointError(f"{path}: not a train.py checkpoint (needs the keys model, config, epoch)")
+    return ckpt
+
+
+def from_checkpoint(ckpt, device="cpu"):
+    """(classifier, mask network or None) rebuilt from a checkpoint dict, in eval mode."""
+    cfg = ckpt["config"]
+    try:
+        f = models.build(cfg["arch"], cfg["dataset"])
+        f.load_state_dict(ckpt["model"])
+        g = None
+        if ckpt.get("mask") is not None:
+            g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"])
+            g.load_state_dict(ckpt["mask"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint does not match its own config ({first[:160]})") from None
+    return f.to(device).eval(), (g.to(device).eval() if g is not None else None)
+
+
+# ============================================================================ scoring
+
+def score(f, split, dataset, steps=20, batch_size=500):
+    """[natural correct, PGD-`steps` correct, n] of classifier f on `split` under the paper's
+    test attack for `dataset` (no random start), f in eval mode, no autocast."""
+    s = TEST_ATTACK[dataset]
+    correct_nat = correct_adv = 0
+    with attacks.eval_mode(f), torch.autocast(split.images.device.type, enabled=False):
+        for x, y in data.batches(split, batch_size):
+            with torch.no_grad():
+                correct_nat += (f(x).argmax(1) == y).sum().item()
+            x_adv = attacks.pgd(f, x, y, s["eps"], s["alpha"], steps)
+            with torch.no_grad():
+                correct_adv += (f(x_adv).argmax(1) == y).sum().item()
+    return [correct_nat, correct_adv, len(split)]
