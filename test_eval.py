@@ -13,7 +13,7 @@ import attacks
 import data
 import evaluate
 import models
-from test_cat import mnist_small, natural_model, run_cli, tiny_cnn  # noqa: F401 (fixtures and helpers)
+from conftest import run_cli, tiny_cnn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
