@@ -96,9 +96,9 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, truncated, foreign or unsafe, with what to do about it."""
 
 
-def load_checkpoint(path, device="cpu"):
-    """Read a train.py checkpoint with torch.load(weights_only=True): tensors and plain values
-    only, so a file that smuggles in a pickled object is refused and its payload never runs."""
+def load_weights(path, device="cpu"):
+    """torch.load(weights_only=True): tensors and plain values only, so a file that smuggles in
+    a pickled object is refused and its payload never runs. Errors are one-line CheckpointErrors."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint; pass the best.pt or last.pt that train.py wrote")
     try:
@@ -110,6 +110,12 @@ def load_checkpoint(path, device="cpu"):
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
                               f"({type(e).__name__}); use another copy or retrain") from None
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """A train.py checkpoint, read with load_weights and checked to have its keys."""
+    ckpt = load_weights(path, device)
     if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= set(ckpt):
         raise CheckpointError(f"{path}: not a train.py checkpoint (needs the keys model, config, epoch)")
     return ckpt
