@@ -15,11 +15,16 @@ import data
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# the tests' tensors are tiny: one thread is faster than two that wait for each other, above all on a busy machine
+torch.set_num_threads(1)
 
 # a one-epoch MNIST run that takes about a second: 100 images, 1-step attack, 50 for validation
 TINY = ["--dataset", "mnist", "--subset", "100", "--steps", "1", "--val-size", "50", "--batch-size", "50",
         "--device", "cpu"]
+# every method, and the ablations and attack losses of CAT
+METHOD_FLAGS = [["--method", m] for m in ("cat", "at", "trades", "mart", "fat")] + [
+    ["--method", "cat", "--no-mask"], ["--method", "cat", "--no-mask", "--no-weighted-ce"],
+    ["--method", "cat", "--attack", "cw"], ["--method", "cat", "--attack", "kl"]]
 
 
 def pytest_configure(config):
