@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import bench
 import train
@@ -16,15 +15,6 @@ import train
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "mnist", "--methods", "cat,trades", "--dtype", "fp32,bf16", "--iters", "2", "--warmup", "1",
         "--batch-size", "8", "--steps", "2", "--device", "cpu", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Steps on 4 images: one thread, since two spin against each other when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def passes(method, steps, *flags):
