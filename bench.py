@@ -11,6 +11,7 @@ that load from other processes falls on all alike; the device is synchronised ar
 Passes are counted by hooks on f and g_phi during one more, untimed step per method.
 """
 import argparse
+import collections
 import resource
 import statistics
 import sys
@@ -94,25 +95,20 @@ def count_passes(cfg):
     """Forward and backward passes of f and g_phi in one train_step (fresh nets, not compiled): a forward
     hook on each net counts its forwards, and a hook it puts on the output counts backwards through it.
     FAT's attack stops early, so its count is that of epoch 1 on random data."""
-    item = Item({**cfg, "compile": False})
-    counts = {f"{net}_{kind}": 0 for net in "fg" for kind in ("forward", "nograd", "backward")}
-
-    def add(key, n=1):
-        counts[key] += n
+    item, counts = Item({**cfg, "compile": False}), collections.Counter()
 
     def hook(name):
         def forward(module, inputs, output):
-            add(f"{name}_forward")
-            add(f"{name}_nograd", int(not torch.is_grad_enabled()))
+            counts.update([f"{name}_forward"] + [f"{name}_nograd"] * (not torch.is_grad_enabled()))
             if output.requires_grad:                      # fires once per backward through the output
-                output.register_hook(lambda grad: add(f"{name}_backward"))
+                output.register_hook(lambda grad: counts.update([f"{name}_backward"]))
         return forward
     nets = [("f", item.nets.f), ("g", item.nets.g)]
     handles = [net.register_forward_hook(hook(name)) for name, net in nets if net is not None]
     item.fn()
     for h in handles:
         h.remove()
-    return counts
+    return {f"{net}_{kind}": counts[f"{net}_{kind}"] for net in "fg" for kind in ("forward", "nograd", "backward")}
 
 
 # ============================================================================ timing
