@@ -31,9 +31,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a subprocess, a training run or a property test (seconds each)")
 
 
-def run_cli(*args, check=True):
+def run_cli(*args, check=True, timeout=600):
     """Run one of the repository's scripts in a subprocess; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return proc

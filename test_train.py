@@ -29,6 +29,11 @@ BAD_FLAGS = [
     (["--eps", "-0.1"], "--eps"), (["--alpha", "0"], "--alpha"), (["--steps", "0"], "--steps"),
     (["--beta", "-1"], "--beta"), (["--beta1", "-0.1"], "--beta1"), (["--epochs", "0"], "--epochs"),
     (["--eps", "abc"], "--eps"), (["--method", "at", "--no-mask"], "--no-mask"),
+    # typed flags that would do nothing in this combination
+    (["--method", "at", "--beta1", "0.3"], "--beta1"), (["--no-mask", "--beta1", "0.3"], "--beta1"),
+    (["--momentum", "0.9"], "--momentum"), (["--weight-decay", "5e-4"], "--weight-decay"),
+    (["--kappa", "10"], "--kappa"), (["--attack", "kl", "--kappa", "10"], "--kappa"),
+    (["--method", "trades", "--tau-milestones", "5"], "--tau-milestones"), (["--sync-bn"], "--sync-bn"),
 ]
 
 
@@ -38,6 +43,16 @@ def test_bad_flags_get_one_line_and_exit_2(flags, needle, tmp_path, capsys):
     code, err = in_process(["--dataset", "mnist", "--out", out] + flags, capsys)
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not os.path.exists(out)
+
+
+def test_flags_that_act_are_accepted(monkeypatch):
+    cfg = train.parse_config(["--method", "fat", "--tau-milestones", "3", "--attack", "cw", "--kappa", "2",
+                              "--optimizer", "sgd", "--momentum", "0.5", "--weight-decay", "0"])
+    assert (cfg["tau_milestones"], cfg["kappa"], cfg["momentum"], cfg["weight_decay"]) == ([3], 2.0, 0.5, 0.0)
+    assert train.parse_config(["--method", "cat", "--beta1", "0.1"])["beta1"] == 0.1
+    assert train.parse_config(["--dataset", "cifar10", "--momentum", "0.8"])["momentum"] == 0.8   # sgd by default
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.parse_config(["--sync-bn"])["sync_bn"]
 
 
 def test_missing_and_corrupt_data_get_one_line(tmp_path, capsys):
@@ -177,7 +192,7 @@ def test_collapse_detection():
 @pytest.mark.slow
 def test_stop_on_collapse_keeps_best(tmp_path, monkeypatch, capsys):
     history = iter([[40, 30, 50], [45, 2, 50], [46, 1, 50]])     # PGD-20 falls from 60% to 4%
-    monkeypatch.setattr(train, "accuracy_counts", lambda *a, **k: next(history))
+    monkeypatch.setattr(common, "score", lambda *a, **k: next(history))
     out = str(tmp_path / "run")
     train.main(TINY + ["--epochs", "3", "--out", out, "--stop-on-collapse"])
     printed = capsys.readouterr().out
@@ -255,6 +270,28 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert g is not None and not any(k.startswith("module.") for k in ckpt["model"])
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
 
+
+# each process scores its half of the validation split: together PGD-20 falls from 60% to 4%
+COLLAPSING_RUN = """import sys
+sys.path.insert(0, {here!r})
+import common, train
+history = iter([[20, 15, 25], [22, 1, 25], [23, 1, 25]])
+common.score = lambda *a, **k: next(history)
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_ddp_stop_on_collapse_stops_every_process(tmp_path):
+    script, out = tmp_path / "collapsing_run.py", str(tmp_path / "ddp")
+    script.write_text(COLLAPSING_RUN.format(here=HERE))
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                   "--dataset", "mnist", "--subset", "200", "--steps", "1", "--val-size", "50",
+                   "--batch-size", "50", "--epochs", "3", "--device", "cpu", "--out", out, "--stop-on-collapse",
+                   timeout=300)                                  # a process left behind would hang until then
+    assert "--stop-on-collapse: stopped at epoch 2" in proc.stdout and "epoch 3" not in proc.stdout
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 2
+    assert common.load_checkpoint(os.path.join(out, "best.pt"))["epoch"] == 1
 
 
 # ============================================================================ attacks: on a trained model, and properties (hypothesis)

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -37,30 +38,33 @@ import models
 DEFAULTS = {
     "mnist": dict(arch="mnist_cnn", eps=0.3, alpha=None, steps=20, beta=1.0, beta1=0.3, kappa=150.0,
                   epochs=40, batch_size=100, optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
-                  milestones=[30], tau_milestones=[], augment=False, eval_eps=0.3, eval_alpha=0.015),
+                  milestones=[30], tau_milestones=[], augment=False, attack_bn="train"),
     "cifar10": dict(arch="preact18", eps=8 / 255, alpha=2 / 255, steps=10, beta=5.0, beta1=0.05, kappa=50.0,
-                    epochs=130, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-                    milestones=[100, 120], tau_milestones=[], augment=True, eval_eps=8 / 255, eval_alpha=0.003),
+                    epochs=140, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                    milestones=[100, 120], tau_milestones=[], augment=True, attack_bn="train"),
 }
-DEFAULTS["cifar100"] = dict(DEFAULTS["cifar10"])
+DEFAULTS["cifar100"] = dict(DEFAULTS["cifar10"], epochs=120, milestones=[100, 110])
+# The authors' schedules that depend on the classifier, over DEFAULTS[dataset]: (dataset, arch) -> settings.
+ARCH_DEFAULTS = {("cifar10", "wrn34_10"): dict(milestones=[100, 110])}
 for _d in DEFAULTS.values():
     _d.update(stabiliser="wall", wall=5.0, wall_weight=1.0, warmup_steps=200)
 
 # Each baseline's own paper's (or public code's) training settings, over the dataset defaults.
 # MART and FAT published no MNIST setting: there they keep the dataset defaults above.
+# attack_bn: TRADES', MART's and FAT's code attack in eval mode; Madry et al.'s AT code, like CAT's, in train mode.
 METHOD_DEFAULTS = {
     ("at", "mnist"): dict(attack="cent", steps=40, alpha=0.01, lr=1e-4, batch_size=50, epochs=100, milestones=[]),
     ("at", "cifar"): dict(attack="cent", steps=7, alpha=2 / 255, weight_decay=2e-4, epochs=205, milestones=[102, 154]),
     ("trades", "mnist"): dict(attack="kl", steps=40, alpha=0.01, beta=1.0, optimizer="sgd", lr=0.01,
-                              momentum=0.9, batch_size=128, epochs=100, milestones=[54, 74, 89]),
+                              momentum=0.9, batch_size=128, epochs=100, milestones=[54, 74, 89], attack_bn="eval"),
     ("trades", "cifar"): dict(attack="kl", eps=0.031, steps=10, alpha=0.007, beta=6.0, weight_decay=2e-4,
-                              epochs=76, milestones=[74]),
-    ("mart", "mnist"): dict(attack="cent"),
+                              epochs=76, milestones=[74], attack_bn="eval"),
+    ("mart", "mnist"): dict(attack="cent", attack_bn="eval"),
     ("mart", "cifar"): dict(attack="cent", steps=10, alpha=2 / 255, beta=5.0, lr=0.01, weight_decay=3.5e-3,
-                            epochs=100, milestones=[75, 90]),
-    ("fat", "mnist"): dict(attack="kl"),
+                            epochs=100, milestones=[75, 90], attack_bn="eval"),
+    ("fat", "mnist"): dict(attack="kl", attack_bn="eval"),
     ("fat", "cifar"): dict(attack="kl", eps=0.031, steps=10, alpha=0.007, beta=6.0, weight_decay=2e-4,
-                           epochs=120, milestones=[59, 89, 109], tau_milestones=[50, 90]),
+                           epochs=120, milestones=[59, 89, 109], tau_milestones=[50, 90], attack_bn="eval"),
     ("cat", "mnist"): dict(attack="cent"),
     ("cat", "cifar"): dict(attack="cent"),
 }
@@ -79,30 +83,8 @@ ATTACK_LOSS = {"cent": "ce", "cw": "cw", "kl": "kl"}     # --attack name -> atta
 RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop_on_collapse", "compile"}
 
 
-def fraction(text):
-    """A float that may be written as a fraction: '0.3', '8/255'."""
-    num, _, den = text.partition("/")
-    try:
-        return float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line on stderr and exits with code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def die(message, code=2):
-    """One line on stderr, no traceback, exit `code` (2: bad input)."""
-    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 def build_parser():
-    p = OneLineParser(description="Calibrated Adversarial Training (Huang et al. 2021) and baselines. "
+    p = common.OneLineParser(description="Calibrated Adversarial Training (Huang et al. 2021) and baselines. "
                       "Flags left unset take the paper's value for --dataset and --method.")
     a = p.add_argument
     a("--dataset", default="mnist", choices=sorted(DEFAULTS))
@@ -119,21 +101,27 @@ def build_parser():
     a("--beta", type=float, help="weight of the robust term (beta of Eq. 13; TRADES' beta; MART's lambda). "
       "default: 1 (mnist), 5 (cifar)")
     a("--beta1", type=float, help="weight of the CE term in Eq. 14. default: 0.3 (mnist), 0.05 (cifar)")
-    a("--eps", type=fraction, help="L-inf budget in [0,1] pixel units; '8/255' is accepted. default: 0.3 (mnist), 8/255 (cifar)")
-    a("--alpha", type=fraction, help="PGD step size, pixel units. default: eps/20 (mnist), 2/255 (cifar)")
+    a("--eps", type=common.fraction, help="L-inf budget in [0,1] pixel units; '8/255' is accepted. default: 0.3 (mnist), 8/255 (cifar)")
+    a("--alpha", type=common.fraction, help="PGD step size, pixel units. default: eps/20 (mnist), 2/255 (cifar)")
     a("--steps", type=int, help="PGD steps T of the training attack. default: 20 (mnist), 10 (cifar)")
     a("--kappa", type=float, help="CW confidence for --attack cw, in logits. default: 150 (mnist), 50 (cifar)")
-    a("--start", type=fraction, help="radius of the uniform random start of the training attack, pixel units. "
+    a("--start", type=common.fraction, help="radius of the uniform random start of the training attack, pixel units. "
       "default: eps (the paper); the authors' MNIST code uses 0.1")
+    a("--attack-bn", choices=["train", "eval"],
+      help="mode of f's batch norm and dropout in the training attack and in CAT's g_phi update (Eq. 14): "
+           "train = batch statistics, running statistics updated by each forward (the CAT authors' and Madry "
+           "et al.'s code); eval = running statistics, frozen (TRADES', MART's and FAT's code). "
+           "default: train (cat, at), eval (trades, mart, fat)")
     a("--tau-milestones", type=int, nargs="*", help="FAT: tau (steps allowed after misclassification) grows "
       "by 1 after each of these epochs. default: 50 90 (cifar)")
-    a("--epochs", type=int, help="default: 40 (mnist), 130 (cifar)")
+    a("--epochs", type=int, help="default: 40 (mnist), 140 (cifar10), 120 (cifar100)")
     a("--batch-size", type=int, help="global batch (split across DDP processes). default: 100 (mnist), 128 (cifar)")
     a("--optimizer", choices=["adam", "sgd"], help="for both networks. default: adam (mnist), sgd (cifar)")
     a("--lr", type=float, help="initial learning rate of both networks. default: 1e-3 (mnist), 0.1 (cifar)")
     a("--momentum", type=float, help="SGD momentum. default: 0.9 (cifar)")
     a("--weight-decay", type=float, help="SGD weight decay. default: 5e-4 (cifar)")
-    a("--milestones", type=int, nargs="*", help="epochs after which lr is divided by 10. default: 30 (mnist), 100 120 (cifar)")
+    a("--milestones", type=int, nargs="*", help="epochs after which lr is divided by 10. default: 30 (mnist), "
+      "100 120 (cifar10 preact18), 100 110 (cifar10 wrn34_10, cifar100)")
     a("--stabiliser", choices=["none", "wall", "reset", "ramp", "fwarm"], help="experimental")
     a("--wall", type=float)
     a("--wall-weight", type=float)
@@ -165,7 +153,9 @@ def parse_config(argv=None):
         action.default = argparse.SUPPRESS
     cfg["explicit"] = sorted(vars(parser.parse_args(argv)))
     group = "mnist" if cfg["dataset"] == "mnist" else "cifar"
-    for key, value in {**DEFAULTS[cfg["dataset"]], **METHOD_DEFAULTS[cfg["method"], group]}.items():
+    arch = cfg["arch"] or DEFAULTS[cfg["dataset"]]["arch"]
+    for key, value in {**DEFAULTS[cfg["dataset"]], **ARCH_DEFAULTS.get((cfg["dataset"], arch), {}),
+                       **METHOD_DEFAULTS[cfg["method"], group]}.items():
         if cfg.get(key) is None:
             cfg[key] = value
     if cfg["alpha"] is None:
@@ -197,7 +187,18 @@ def check_config(cfg):
         (cfg["method"] == "cat" or (cfg["mask"] and cfg["weighted_ce"]),
          "--no-mask and --no-weighted-ce are ablations of --method cat"),
         (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite exclude each other; pick one"),
+        (cfg["dataset"] != "mnist" or "attack_bn" not in cfg.get("explicit", ()),
+         "--attack-bn does nothing here: the MNIST networks have no batch norm or dropout"),
     ]
+    # a typed flag that would do nothing here is refused, not ignored: (flag, acts here, where it acts)
+    sgd = f"with --optimizer sgd (here {cfg['optimizer']})"
+    idle = [("beta1", cfg["method"] == "cat" and cfg["mask"], "with --method cat and its mask network (no --no-mask)"),
+            ("momentum", cfg["optimizer"] == "sgd", sgd), ("weight_decay", cfg["optimizer"] == "sgd", sgd),
+            ("kappa", cfg["attack"] == "cw", f"with --attack cw (here {cfg['attack']})"),
+            ("tau_milestones", cfg["method"] == "fat", "with --method fat"),
+            ("sync_bn", int(os.environ.get("WORLD_SIZE", "1")) > 1, "under torchrun with 2 or more processes")]
+    checks += [(key not in cfg.get("explicit", ()) or acts, f"--{key.replace('_', '-')} does nothing here: "
+                f"it acts only {where}") for key, acts, where in idle]
     return next((msg for ok, msg in checks if not ok), None)
 
 
@@ -224,12 +225,29 @@ class Nets:
         self.step = 0
 
 
+def build_nets(cfg):
+    f = models.build(cfg["arch"], cfg["dataset"])
+    use_mask = cfg["method"] == "cat" and cfg["mask"]
+    g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"]) if use_mask else None
+    return Nets(f, g, make_optimizer(f.parameters(), cfg), g and make_optimizer(g.parameters(), cfg))
+
+
+def make_optimizer(params, cfg):
+    if cfg["optimizer"] == "adam":          # check_config refuses a typed --momentum or --weight-decay here
+        return torch.optim.Adam(params, lr=cfg["lr"])
+    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+
+
 def perturb(f, x, y, cfg, epoch=1):
-    """Step 1: the training perturbation, f in eval mode, random start. Returns delta.
+    """Step 1: the training perturbation from a random start. Returns delta.
+    f runs in the mode cfg['attack_bn'] names: "train" (CAT's and AT's default, as their
+    authors' code: batch statistics, and every attack forward updates batch norm's running
+    statistics) or "eval" (TRADES', MART's, FAT's). Its flags are restored afterwards.
     f's parameters are frozen meanwhile: the attack needs input gradients only, and a
     torch.compile'd f would otherwise compute and drop every weight gradient, T times."""
     args = (f, x, y, cfg["eps"], cfg["alpha"], cfg["steps"])
-    kw = dict(loss=ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"], random_start=cfg["start"] or True)
+    kw = dict(loss=ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"], random_start=cfg["start"] or True,
+              train_mode=cfg["attack_bn"] == "train")
     with frozen(f):
         if cfg["method"] == "fat":
             x_adv = attacks.pgd_early_stop(*args, tau=tau_at(cfg, epoch), **kw)
@@ -264,11 +282,16 @@ def train_step(nets, x, y, cfg, epoch=1):
 
 
 def mask_step(nets, x, y, delta, z, mask, cfg):
-    """Step 4: g_phi update on Eq. 14 with the updated f fixed (eval mode, no parameter grads)."""
+    """Step 4: g_phi update on Eq. 14 with the updated f fixed: f's parameters get no gradient,
+    f runs in the attack's mode (cfg['attack_bn']; "train", as the authors' code: batch
+    statistics, running statistics updated by both forwards below). g_phi is not run again:
+    z's graph from step 2 is reused, which gives the authors' second forward's output exactly,
+    since g_phi has not changed; only its batch-norm running statistics see one update per
+    batch instead of two (they are read only in eval mode, never by training)."""
     beta1 = cfg["beta1"]
     if cfg["stabiliser"] == "ramp":
         beta1 *= min(1.0, nets.step / cfg["warmup_steps"])
-    with attacks.eval_mode(nets.f), frozen(nets.f):
+    with attacks.set_mode(nets.f, cfg["attack_bn"] == "train"), frozen(nets.f):
         with torch.no_grad():
             logits_adv = nets.f_fast(x + delta)
         loss_g, kl, ce = cat.mask_loss(logits_adv, nets.f_fast(cat.calibrate(x, delta, mask)), y, beta1)
@@ -311,16 +334,13 @@ class Runtime:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if want == "cuda" and not torch.cuda.is_available():
-            die("--device cuda but no CUDA device is visible; use --device cpu")
-        self.device = torch.device(want, self.local_rank) if want == "cuda" else torch.device("cpu")
+        self.device = common.pick_device(cfg["device"], self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
         if self.world > 1:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and bf16_available(self.device))
+        self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and common.bf16_available(self.device))
         self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
         self.main = self.rank == 0
 
@@ -353,6 +373,11 @@ class Runtime:
             nets.g_train = nets.g_train and torch.compile(nets.g_train)
         return nets
 
+    def log(self, *args):
+        """print on rank 0, flushed: a pipe (tee, a job log, a parent process) sees each line at once."""
+        if self.main:
+            print(*args, flush=True)
+
     def all_sum(self, values):
         """Sum a list of numbers over DDP processes (identity in one process)."""
         if self.world == 1:
@@ -362,51 +387,22 @@ class Runtime:
         return t.tolist()
 
 
-def bf16_available(device):
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()      # AVX512-BF16 / AMX CPUs
+# ============================================================================ run state and checkpoints
 
+@dataclass
+class State:
+    """Where a run stands, in one place: the loop moves it on, last.pt stores it."""
+    epoch: int = 1                  # the epoch in progress, 1-based
+    step: int = 0                   # its batches done (non-zero at the start only after a Ctrl-C)
+    sums: dict = field(default_factory=dict)     # logged name -> sum over those batches
+    seconds: float = 0.0            # their training time
+    best: dict = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "pgd20": 0.0})  # % on val
 
-def build_nets(cfg):
-    f = models.build(cfg["arch"], cfg["dataset"])
-    use_mask = cfg["method"] == "cat" and cfg["mask"]
-    g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"]) if use_mask else None
-    return Nets(f, g, make_optimizer(f.parameters(), cfg), g and make_optimizer(g.parameters(), cfg))
-
-
-def make_optimizer(params, cfg):
-    if cfg["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"])
-    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-
-
-# ============================================================================ validation
-
-def accuracy_counts(f, split, cfg, batch_size=500):
-    """[natural correct, PGD-20 correct, n] on `split`, paper's test attack, fp32, eval mode."""
-    correct_nat = correct_pgd = 0
-    with attacks.eval_mode(f):
-        for x, y in data.batches(split, batch_size):
-            with torch.no_grad():
-                correct_nat += (f(x).argmax(1) == y).sum().item()
-            x_adv = attacks.pgd(f, x, y, cfg["eval_eps"], cfg["eval_alpha"], 20)
-            with torch.no_grad():
-                correct_pgd += (f(x_adv).argmax(1) == y).sum().item()
-    return [correct_nat, correct_pgd, len(split)]
-
-
-# ============================================================================ checkpoints and resume
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    @classmethod
+    def of(cls, ckpt):
+        partial = ckpt["partial"]
+        return cls(ckpt["epoch"] + 1, ckpt["step"], dict(partial.get("sums", {})), partial.get("seconds", 0.0),
+                   ckpt["best"])
 
 
 def rng_state():
@@ -420,14 +416,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint(nets, cfg, epoch, best, step=0, partial=None):
+def checkpoint(nets, cfg, state):
     """Everything a run needs to continue: plain state_dicts, optimizers, RNG, progress.
 
-    epoch: epochs completed; step: batches of epoch+1 already done (non-zero after Ctrl-C)."""
+    epoch: epochs completed; step, partial: batches of epoch+1 already done and their sums."""
+    partial = {"sums": {k: float(v) for k, v in state.sums.items()}, "seconds": state.seconds} if state.step else {}
     return {"model": nets.f.state_dict(), "mask": nets.g.state_dict() if nets.g else None,
             "opt_f": nets.opt_f.state_dict(), "opt_g": nets.opt_g.state_dict() if nets.g else None,
-            "config": {k: v for k, v in cfg.items() if k != "explicit"}, "epoch": epoch, "step": step,
-            "partial": partial or {}, "best": best, "rng": rng_state()}
+            "config": {k: v for k, v in cfg.items() if k != "explicit"}, "epoch": state.epoch - 1,
+            "step": state.step, "partial": partial, "best": dict(state.best), "rng": rng_state()}
 
 
 def prepare_out(cfg):
@@ -435,9 +432,9 @@ def prepare_out(cfg):
     last = os.path.join(cfg["out"], "last.pt")
     if cfg["resume"]:
         if not os.path.isfile(last):
-            die(f"--resume: {last} does not exist; start the run without --resume")
+            common.die(f"--resume: {last} does not exist; start the run without --resume")
     elif os.path.exists(last) and not cfg["overwrite"]:
-        die(f"{cfg['out']} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+        common.die(f"{cfg['out']} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another --out")
 
 
@@ -446,11 +443,11 @@ def resume_config(cfg):
     try:
         ckpt = common.load_checkpoint(os.path.join(cfg["out"], "last.pt"))
     except common.CheckpointError as e:
-        die(f"--resume: {e}")
+        common.die(f"--resume: {e}")
     saved = ckpt["config"]
     for key in cfg["explicit"]:
         if key not in RESUMABLE and saved.get(key) != cfg[key]:
-            die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({saved.get(key)}); "
+            common.die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({saved.get(key)}); "
                 "drop the flag, or start a new run with another --out")
     return {**saved, **{k: cfg[k] for k in RESUMABLE}, "explicit": cfg["explicit"]}, ckpt
 
@@ -463,7 +460,7 @@ def restore(nets, ckpt):
             nets.g.load_state_dict(ckpt["mask"])
             nets.opt_g.load_state_dict(ckpt["opt_g"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        die(f"--resume: the checkpoint does not fit this run ({str(e).splitlines()[0][:160]})")
+        common.die(f"--resume: the checkpoint does not fit this run ({str(e).splitlines()[0][:160]})")
 
 
 # ============================================================================ the main loop
@@ -502,128 +499,132 @@ def check_finite(step_losses, upto, epoch, cfg):
     """Stop with one line if any training loss so far in this epoch is NaN or inf."""
     bad = (~torch.isfinite(step_losses[:upto])).nonzero()
     if len(bad):
-        die(f"non-finite loss at epoch {epoch} step {bad[0].item() + 1}; stopped without saving, "
+        common.die(f"non-finite loss at epoch {epoch} step {bad[0].item() + 1}; stopped without saving, "
             f"{os.path.join(cfg['out'], 'last.pt')} still holds the last good state (try a lower --lr or --amp fp32)", 1)
 
 
-def run_epoch(nets, train, cfg, rt, epoch, start=0, partial=None, stop=None):
-    """Train one epoch from batch `start`; returns (sums of logged values, steps done, seconds)."""
-    partial = partial or {}
-    order = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)        # data order = f(seed, epoch)
+def run_epoch(nets, train, cfg, rt, state, stop):
+    """Train epoch state.epoch from batch state.step to its end, a Ctrl-C or --max-steps;
+    state.step, .sums and .seconds follow every batch."""
+    order = torch.Generator().manual_seed(cfg["seed"] * 100003 + state.epoch)  # data order = f(seed, epoch)
     local_batch = max(1, cfg["batch_size"] // rt.world)
     n_batches = math.ceil(math.ceil(len(train) / rt.world) / local_batch)
-    step_losses = torch.zeros(n_batches, device=rt.device)                       # checked without a sync per step
-    sums = {k: torch.tensor(v, device=rt.device) for k, v in partial.get("sums", {}).items()}
-    t0, last_print, i = time.time(), time.time(), start
+    step_losses = torch.zeros(n_batches, device=rt.device)                     # checked without a sync per step
+    state.sums = {k: torch.tensor(v, device=rt.device) for k, v in state.sums.items()}
+    start, seconds, t0 = state.step, state.seconds, time.time()
+    last_print = t0
     augment_fn = data.augment if cfg["augment"] else None
     for x, y in data.batches(train, local_batch, True, order, augment_fn, start, (rt.rank, rt.world)):
         with rt.autocast():
-            logs = train_step(nets, x.contiguous(memory_format=rt.memory_format), y, cfg, epoch)
-        step_losses[i] = logs["loss_f"]
-        i += 1
+            logs = train_step(nets, x.contiguous(memory_format=rt.memory_format), y, cfg, state.epoch)
+        step_losses[state.step] = logs["loss_f"]
+        state.step += 1
         for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v.float()
-        if time.time() - last_print > 30 or i == n_batches or (stop and stop.set):
-            check_finite(step_losses, i, epoch, cfg)
+            state.sums[k] = state.sums.get(k, 0.0) + v.float()
+        state.seconds = seconds + time.time() - t0
+        if time.time() - last_print > 30 or state.step == n_batches or stop.set:
+            check_finite(step_losses, state.step, state.epoch, cfg)
             last_print = time.time()
-            rate = (i - start) / (last_print - t0)                                 # steps per second
-            if rt.main:
-                print(f"epoch {epoch} [{i}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, "
-                      f"epoch ETA {fmt_time((n_batches - i) / rate)}, " +
-                      " ".join(f"{k} {v.item() / i:.4f}" for k, v in sums.items()), flush=True)
-        if (stop and stop.set) or (cfg.get("max_steps") and i >= cfg["max_steps"]):
+            rate = (state.step - start) / (last_print - t0)                           # steps per second
+            rt.log(f"epoch {state.epoch} [{state.step}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, "
+                   f"epoch ETA {fmt_time((n_batches - state.step) / rate)}, " +
+                   " ".join(f"{k} {v.item() / state.step:.4f}" for k, v in state.sums.items()))
+        if stop.set or (cfg.get("max_steps") and state.step >= cfg["max_steps"]):
             break
-    return sums, i, partial.get("seconds", 0.0) + time.time() - t0
 
 
-def main(argv=None):
-    stop = StopFlag()                 # first: a Ctrl-C at any point below ends in a clean save
-    try:
-        run(argv, stop)
-    finally:
-        stop.restore()
+def end_epoch(nets, val, cfg, rt, state, n_train):
+    """Validate, then choose best.pt and decide on a collapse from the all-reduced counts, so that
+    every DDP process decides alike; rank 0 writes metrics.jsonl, best.pt and last.pt. Moves
+    state on to the next epoch; returns whether robust accuracy collapsed."""
+    nat, rob, n = rt.all_sum(common.score(nets.f, val, cfg["dataset"]))
+    nat, rob = 100 * nat / n, 100 * rob / n
+    epoch, best = state.epoch, state.best
+    record = {"epoch": epoch, "lr": lr_at(cfg, epoch), **{k: round(v.item() / state.step, 5) for k, v in state.sums.items()},
+              "val_natural": round(nat, 2), "val_pgd20": round(rob, 2), "seconds": round(state.seconds, 1),
+              "images_per_s": round(n_train / state.seconds, 1)}
+    collapsed = has_collapsed(best["pgd20"], rob)
+    improved = nat + rob > best["score"]
+    if improved:
+        best.update(score=nat + rob, epoch=epoch)
+    best["pgd20"] = max(rob, best["pgd20"])
+    state.epoch, state.step, state.sums, state.seconds = epoch + 1, 0, {}, 0.0
+    rt.log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% ({fmt_time(record['seconds'])})" +
+           ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
+    if rt.main:
+        with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        ckpt = {**checkpoint(nets, cfg, state), "metrics": record}
+        if improved:
+            common.save_atomic(ckpt, os.path.join(cfg["out"], "best.pt"))
+        common.save_atomic(ckpt, os.path.join(cfg["out"], "last.pt"))
+    return collapsed
 
 
-def run(argv, stop):
+def setup(argv):
+    """(cfg, rt, nets, train, val, state) of a new run, or of the run in --out with --resume."""
     cfg = parse_config(argv)
     prepare_out(cfg)
     ckpt = None
     if cfg["resume"]:
         cfg, ckpt = resume_config(cfg)
     rt = Runtime(cfg)
-    # flushed, so lines reach a pipe (tee, a job log, a parent process) when they happen
-    log = (lambda *a: print(*a, flush=True)) if rt.main else (lambda *a: None)
     try:
-        train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=log)
+        train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=rt.log)
     except data.DataError as e:
-        die(str(e))
+        common.die(str(e))
     if cfg["subset"]:
         train = train.take(torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["subset"]])
     train, val = train.to(rt.device), val.to(rt.device)
     val = val.take(torch.arange(rt.rank, len(val), rt.world, device=rt.device))   # each process checks its share
     torch.manual_seed(cfg["seed"] + rt.rank)
-    nets = build_nets(cfg)
-    start_epoch, step, best, partial = 1, 0, {"score": -1.0, "epoch": 0, "pgd20": 0.0}, None
+    nets, state = build_nets(cfg), State()
     if ckpt is not None:
         restore(nets, ckpt)
-        start_epoch, step, best, partial = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"], ckpt["partial"]
+        state = State.of(ckpt)
         set_rng_state(ckpt["rng"])
-        log(f"resuming {cfg['out']} at epoch {start_epoch}" + (f", batch {step + 1}" if step else ""))
+        rt.log(f"resuming {cfg['out']} at epoch {state.epoch}" + (f", batch {state.step + 1}" if state.step else ""))
     else:
         os.makedirs(cfg["out"], exist_ok=True)
-        if rt.main:
-            for name in ("metrics.jsonl", "best.pt"):          # --overwrite: no stale results
-                if os.path.exists(os.path.join(cfg["out"], name)):
-                    os.remove(os.path.join(cfg["out"], name))
+        for name in ("metrics.jsonl", "best.pt") if rt.main else ():          # --overwrite: no stale results
+            if os.path.exists(os.path.join(cfg["out"], name)):
+                os.remove(os.path.join(cfg["out"], name))
     rt.wrap(nets, cfg)
-    log("config:", json.dumps({k: v for k, v in cfg.items() if k != "explicit"}, sort_keys=True))
-    log(f"device {rt.device}, {'bf16 autocast' if rt.bf16 else 'fp32'}, processes {rt.world}, "
-        f"train {len(train)} / val {len(val) * rt.world} examples")
+    saved = {k: v for k, v in sorted(cfg.items()) if k != "explicit"}
+    rt.log("config:", json.dumps(saved))
+    rt.log(f"device {rt.device}, {'bf16 autocast' if rt.bf16 else 'fp32'}, processes {rt.world}, "
+           f"train {len(train)} / val {len(val) * rt.world} examples")
     if rt.main:
-        with open(os.path.join(cfg["out"], "config.json"), "w") as fh:
-            json.dump({k: v for k, v in cfg.items() if k != "explicit"}, fh, indent=1, sort_keys=True)
-    train_loop(nets, train, val, cfg, rt, start_epoch, step, best, partial, log, stop)
+        common.write_json(saved, os.path.join(cfg["out"], "config.json"))
+    return cfg, rt, nets, train, val, state
 
 
-def train_loop(nets, train, val, cfg, rt, start_epoch, step, best, partial, log, stop):
-    run_start = time.time()
-    last_path = os.path.join(cfg["out"], "last.pt")
-    for epoch in range(start_epoch, cfg["epochs"] + 1):
-        for opt in (nets.opt_f, nets.opt_g):
-            for group in (opt.param_groups if opt else []):
-                group["lr"] = lr_at(cfg, epoch)
-        sums, done, seconds = run_epoch(nets, train, cfg, rt, epoch, step, partial, stop)
-        if stop.set:
-            if rt.main:
-                part = {"sums": {k: v.item() for k, v in sums.items()}, "seconds": seconds}
-                save_atomic(checkpoint(nets, cfg, epoch - 1, best, done, part), last_path)
-            log(f"saved {last_path} at epoch {epoch}, batch {done}; continue with: "
-                f"python train.py --out {cfg['out']} --resume")
-            sys.exit(130)
-        step, partial = 0, None
-        nat, rob, n = rt.all_sum(accuracy_counts(nets.f, val, cfg))
-        nat, rob = 100 * nat / n, 100 * rob / n
-        record = {"epoch": epoch, "lr": lr_at(cfg, epoch), **{k: round(v.item() / done, 5) for k, v in sums.items()},
-                  "val_natural": round(nat, 2), "val_pgd20": round(rob, 2), "seconds": round(seconds, 1),
-                  "images_per_s": round(len(train) * rt.world / seconds, 1)}
-        collapsed = has_collapsed(best["pgd20"], rob)
-        log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% ({fmt_time(seconds)})" +
-            ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
-        if rt.main:
-            with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if nat + rob > best["score"]:
-                best = {"score": nat + rob, "epoch": epoch, "pgd20": max(rob, best["pgd20"])}
-                save_atomic({**checkpoint(nets, cfg, epoch, best), "metrics": record}, os.path.join(cfg["out"], "best.pt"))
-            best["pgd20"] = max(rob, best["pgd20"])
-            save_atomic({**checkpoint(nets, cfg, epoch, best), "metrics": record}, last_path)
-        if collapsed and cfg["stop_on_collapse"]:
-            log(f"--stop-on-collapse: stopped at epoch {epoch}; best.pt (epoch {best['epoch']}) is kept")
-            break
-    log(f"done in {fmt_time(time.time() - run_start)}; best epoch {best['epoch']} "
-        f"(val natural + PGD-20 = {best['score']:.2f}) -> {os.path.join(cfg['out'], 'best.pt')}")
-    if rt.world > 1:
-        dist.destroy_process_group()
+def main(argv=None):
+    stop = StopFlag()                 # first: a Ctrl-C at any point below ends in a clean save
+    try:
+        cfg, rt, nets, train, val, state = setup(argv)
+        run_start, last_path = time.time(), os.path.join(cfg["out"], "last.pt")
+        while state.epoch <= cfg["epochs"]:
+            for opt in (nets.opt_f, nets.opt_g):
+                for group in (opt.param_groups if opt else []):
+                    group["lr"] = lr_at(cfg, state.epoch)
+            run_epoch(nets, train, cfg, rt, state, stop)
+            if stop.set:
+                if rt.main:
+                    common.save_atomic(checkpoint(nets, cfg, state), last_path)
+                rt.log(f"saved {last_path} at epoch {state.epoch}, batch {state.step}; continue with: "
+                       f"python train.py --out {cfg['out']} --resume")
+                sys.exit(130)
+            if end_epoch(nets, val, cfg, rt, state, len(train)) and cfg["stop_on_collapse"]:
+                rt.log(f"--stop-on-collapse: stopped at epoch {state.epoch - 1}; best.pt (epoch "
+                       f"{state.best['epoch']}) is kept")
+                break
+        rt.log(f"done in {fmt_time(time.time() - run_start)}; best epoch {state.best['epoch']} "
+               f"(val natural + PGD-20 = {state.best['score']:.2f}) -> {os.path.join(cfg['out'], 'best.pt')}")
+        if rt.world > 1:
+            dist.destroy_process_group()
+    finally:
+        stop.restore()
 
 
 if __name__ == "__main__":
