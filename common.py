@@ -7,6 +7,7 @@ The method itself (cat.py, attacks.py, models.py, data.py) does not import this 
 import argparse
 import json
 import os
+import pathlib
 import pickle
 import sys
 
@@ -55,9 +56,7 @@ def pick_device(choice="auto", index=0):
     """'auto' | 'cpu' | 'cuda' -> torch.device, or one line and exit 2 when CUDA is asked for and absent."""
     if choice == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA device is visible; use --device cpu")
-    if choice != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+    return torch.device("cuda", index) if choice != "cpu" and torch.cuda.is_available() else torch.device("cpu")
 
 
 def bf16_available(device):
@@ -86,10 +85,7 @@ def save_atomic(obj, path):
 
 
 def write_json(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1)
-    write_atomic(path, write)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 class CheckpointError(Exception):
@@ -125,9 +121,8 @@ def from_checkpoint(ckpt, device="cpu"):
     """(classifier, mask network or None) rebuilt from a checkpoint dict, in eval mode."""
     cfg = ckpt["config"]
     try:
-        f = models.build(cfg["arch"], cfg["dataset"])
+        f, g = models.build(cfg["arch"], cfg["dataset"]), None
         f.load_state_dict(ckpt["model"])
-        g = None
         if ckpt.get("mask") is not None:
             g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"])
             g.load_state_dict(ckpt["mask"])

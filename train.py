@@ -398,33 +398,17 @@ class State:
     seconds: float = 0.0            # their training time
     best: dict = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "pgd20": 0.0})  # % on val
 
-    @classmethod
-    def of(cls, ckpt):
-        partial = ckpt["partial"]
-        return cls(ckpt["epoch"] + 1, ckpt["step"], dict(partial.get("sums", {})), partial.get("seconds", 0.0),
-                   ckpt["best"])
-
-
-def rng_state():
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def checkpoint(nets, cfg, state):
     """Everything a run needs to continue: plain state_dicts, optimizers, RNG, progress.
 
     epoch: epochs completed; step, partial: batches of epoch+1 already done and their sums."""
     partial = {"sums": {k: float(v) for k, v in state.sums.items()}, "seconds": state.seconds} if state.step else {}
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     return {"model": nets.f.state_dict(), "mask": nets.g.state_dict() if nets.g else None,
             "opt_f": nets.opt_f.state_dict(), "opt_g": nets.opt_g.state_dict() if nets.g else None,
             "config": {k: v for k, v in cfg.items() if k != "explicit"}, "epoch": state.epoch - 1,
-            "step": state.step, "partial": partial, "best": dict(state.best), "rng": rng_state()}
+            "step": state.step, "partial": partial, "best": dict(state.best), "rng": rng}
 
 
 def prepare_out(cfg):
@@ -439,7 +423,8 @@ def prepare_out(cfg):
 
 
 def resume_config(cfg):
-    """The saved run's config, with only the RESUMABLE flags taken from the command line."""
+    """The saved run's config, with only the RESUMABLE flags taken from the command line
+    (and today's defaults for settings newer than the checkpoint)."""
     try:
         ckpt = common.load_checkpoint(os.path.join(cfg["out"], "last.pt"))
     except common.CheckpointError as e:
@@ -449,10 +434,11 @@ def resume_config(cfg):
         if key not in RESUMABLE and saved.get(key) != cfg[key]:
             common.die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({saved.get(key)}); "
                 "drop the flag, or start a new run with another --out")
-    return {**saved, **{k: cfg[k] for k in RESUMABLE}, "explicit": cfg["explicit"]}, ckpt
+    return {**cfg, **saved, **{k: cfg[k] for k in RESUMABLE}, "explicit": cfg["explicit"]}, ckpt
 
 
 def restore(nets, ckpt):
+    """Networks, optimizers and RNG as the checkpoint left them; returns the run's State."""
     try:
         nets.f.load_state_dict(ckpt["model"])
         nets.opt_f.load_state_dict(ckpt["opt_f"])
@@ -461,6 +447,12 @@ def restore(nets, ckpt):
             nets.opt_g.load_state_dict(ckpt["opt_g"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         common.die(f"--resume: the checkpoint does not fit this run ({str(e).splitlines()[0][:160]})")
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    partial = ckpt["partial"]
+    return State(ckpt["epoch"] + 1, ckpt["step"], dict(partial.get("sums", {})), partial.get("seconds", 0.0),
+                 ckpt["best"])
 
 
 # ============================================================================ the main loop
@@ -580,9 +572,7 @@ def setup(argv):
     torch.manual_seed(cfg["seed"] + rt.rank)
     nets, state = build_nets(cfg), State()
     if ckpt is not None:
-        restore(nets, ckpt)
-        state = State.of(ckpt)
-        set_rng_state(ckpt["rng"])
+        state = restore(nets, ckpt)
         rt.log(f"resuming {cfg['out']} at epoch {state.epoch}" + (f", batch {state.step + 1}" if state.step else ""))
     else:
         os.makedirs(cfg["out"], exist_ok=True)
