@@ -5,10 +5,14 @@ Every attack has the shape `attack(model, x, y, eps, ...) -> x_adv` and guarante
     |x_adv - x| <= eps  and  0 <= x_adv <= 1  elementwise,
 whatever the model does. Normalisation belongs inside the model, so eps means pixels.
 
-The model is run in eval mode during the attack (batch-norm statistics are used, not
-updated, as in the TRADES/MART/CAT reference code) and every submodule's train/eval flag
-is restored on return. Gradients are taken with respect to the input only, so no
-parameter's .grad is touched. Autocast, if the caller enabled it, applies to the model's
+The model is run in eval mode during the attack (batch norm uses its running statistics
+and does not update them; dropout is off), as TRADES' and MART's reference code do and as
+every evaluation should. `pgd` and `pgd_early_stop` take `train_mode=True` to run it in
+train mode instead, as the CAT authors' and Madry et al.'s training code do: batch norm
+then normalises with each forward's batch statistics and updates its running statistics
+at every forward of the attack. Either way every submodule's train/eval flag is restored
+on return. Gradients are taken with respect to the input only, so no parameter's .grad
+is touched. Autocast, if the caller enabled it, applies to the model's
 forward passes; the perturbation itself is kept in x's dtype.
 
 This file imports torch and nothing else, so it can be copied alone into another project.
@@ -20,15 +24,20 @@ import torch.nn.functional as F
 
 
 @contextlib.contextmanager
-def eval_mode(model):
-    """Put `model` in eval mode and restore each submodule's own flag afterwards."""
+def set_mode(model, train_mode):
+    """Put `model` in train (True) or eval (False) mode; restore each submodule's own flag afterwards."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(train_mode)
     try:
         yield model
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def eval_mode(model):
+    """Put `model` in eval mode and restore each submodule's own flag afterwards."""
+    return set_mode(model, False)
 
 
 def project(x_adv, x, eps):
@@ -96,15 +105,18 @@ def fgsm(model, x, y, eps):
         return project(x + eps * grad.sign(), x, eps).detach()
 
 
-def pgd(model, x, y, eps, alpha, steps, random_start=False, loss="ce", kappa=50.0):
+def pgd(model, x, y, eps, alpha, steps, random_start=False, loss="ce", kappa=50.0, train_mode=False):
     """L-inf PGD (Madry et al. 2018): `steps` signed-gradient steps of size `alpha`.
 
     loss: "ce" cross-entropy, "cw" CW-inf margin with confidence `kappa`, or "kl"
     (KL from the natural prediction, TRADES' inner maximisation; `y` is then unused).
     random_start: start from x + U(-r, r), projected, instead of x; r = eps for True, or the
     number given (the authors' MNIST code starts from r = 0.1).
+    train_mode: run the model in train mode (batch statistics; batch norm's running
+    statistics are updated by each of the `steps` forwards, and by the natural forward of
+    "kl"), as training code that attacks in train mode does. Default: eval mode.
     """
-    with eval_mode(model):
+    with set_mode(model, train_mode):
         log_p_nat = natural_log_probs(model, x, loss)
         x_adv = random_init(x, eps, random_start)
         for _ in range(steps):
@@ -118,14 +130,18 @@ def cw_inf(model, x, y, eps, alpha, steps=30, kappa=50.0, random_start=True):
     return pgd(model, x, y, eps, alpha, steps, random_start=random_start, loss="cw", kappa=kappa)
 
 
-def pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="kl", kappa=50.0, random_start=True):
+def pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="kl", kappa=50.0, random_start=True,
+                   train_mode=False):
     """Early-stopped PGD of FAT (Zhang et al. 2020, "friendly" adversarial data).
 
     Like `pgd`, but an example stops moving once it has been misclassified and `tau` further
     steps have been taken on it: the step at which f(x_adv) != y for the (tau+1)-th time
     freezes it. tau = 0 stops at the first misclassified iterate.
+    In eval mode the loop ends once every example is frozen. With `train_mode` it always runs
+    `steps` forwards, so batch norm's running statistics get the same number of updates
+    whatever the batch, and processes that synchronise batch norm stay in step.
     """
-    with eval_mode(model):
+    with set_mode(model, train_mode):
         log_p_nat = natural_log_probs(model, x, loss)
         x_adv = random_init(x, eps, random_start)
         budget = torch.full_like(y, tau)                  # steps still allowed after misclassification
@@ -135,7 +151,7 @@ def pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="kl", kappa=50.0, r
             wrong = logits.argmax(1) != y
             active &= ~(wrong & (budget == 0))
             budget -= (wrong & active).long()
-            if not active.any():
+            if not active.any() and not train_mode:
                 break
             step = alpha * grad.sign() * active.view(-1, *[1] * (x.dim() - 1))
             x_adv = project(x_adv + step, x, eps)
