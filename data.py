@@ -196,9 +196,11 @@ def to_float(images):
 
 
 def augment(x, pad=4):
-    """Random crop with `pad`-pixel zero padding and random horizontal flip, per example, on x's device."""
+    """Random crop with `pad`-pixel reflect padding (as the authors' code) and random horizontal
+    flip, per example, on x's device. Reflect padding mirrors the image without repeating its
+    edge row, so a crop never shows a black border."""
     n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
     dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
     rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy).expand(n, h, w)
