@@ -1,13 +1,14 @@
 """Networks: the classifiers f_theta and the mask networks g_phi of the paper.
 
-All models take images in [0, 1]; CIFAR normalisation is each CIFAR model's first layer,
-so attack budgets are in pixel units. `build(name, dataset)` is the one entry point.
+All models take images in [0, 1]; CIFAR normalisation is each CIFAR classifier's first
+layer, so attack budgets are in pixel units. The CIFAR mask network reads raw pixels
+(x + delta in [0, 1]), as the authors' code feeds it. `build(name, dataset)` is the one entry point.
 
     mnist_cnn       MNIST classifier (4 conv + 2 linear, as the authors' code)
     mnist_mask      MNIST g_phi: 3 conv (LeakyReLU 0.2), upsample to 28x28, conv
     preact18        PreAct ResNet-18 (He et al. 2016)
     wrn34_10        WideResNet-34-10 (Zagoruyko & Komodakis 2016)
-    resnet18_mask   CIFAR g_phi: ResNet-18 trunk, nearest upsample to 32x32, conv
+    resnet18_mask   CIFAR g_phi: ResNet-18 trunk, nearest upsample to 32x32, conv (no normalisation)
 
 The mask networks return the pre-sigmoid logits z, shape of x; the mask is M = sigmoid(z),
 taken in fp32 by `cat.mask_of` (under bf16 autocast a bf16 sigmoid rounds to exactly 1 for
@@ -129,7 +130,11 @@ class PreActResNet18(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-widen: (depth - 4) / 6 pre-activation blocks per stage, widths 16k, 32k, 64k."""
+    """WRN-depth-widen: (depth - 4) / 6 pre-activation blocks per stage, widths 16k, 32k, 64k.
+
+    Initialised as the WRN code the authors use: convolutions kaiming-normal with fan_out
+    (std sqrt(2 / (k * k * c_out))), linear bias 0; batch norm and the linear weight keep
+    PyTorch's defaults (weight 1 and bias 0; uniform)."""
 
     def __init__(self, depth=34, widen=10, num_classes=10, stats=STATS["cifar10"], drop=0.0):
         super().__init__()
@@ -140,6 +145,10 @@ class WideResNet(nn.Module):
         self.layers = _stages(PreActBlock, 16, widths, (n, n, n), drop=drop)
         self.bn = nn.BatchNorm2d(widths[-1])
         self.linear = nn.Linear(widths[-1], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.linear.bias)
 
     def forward(self, x):
         out = F.relu(self.bn(self.layers(self.conv1(self.normalize(x)))))   # (N, 640, 8, 8)
@@ -147,17 +156,18 @@ class WideResNet(nn.Module):
 
 
 class ResNet18Mask(nn.Module):
-    """g_phi for CIFAR: ResNet-18 trunk (512 x 4 x 4), nearest upsample to 32x32, 3x3 conv 512-3 -> logits z."""
+    """g_phi for CIFAR: ResNet-18 trunk (512 x 4 x 4), nearest upsample to 32x32, 3x3 conv 512-3 -> logits z.
 
-    def __init__(self, stats=STATS["cifar10"]):
+    It reads x + delta in raw [0, 1] pixels, without normalisation, as in the authors' code."""
+
+    def __init__(self):
         super().__init__()
-        self.normalize = Normalize(*stats)
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
         self.layers = _stages(BasicBlock, 64, (64, 128, 256, 512), (2, 2, 2, 2))
         self.head = nn.Conv2d(512, 3, 3, padding=1)
 
     def forward(self, x):
-        out = self.layers(self.stem(self.normalize(x)))         # (N, 512, 4, 4)
+        out = self.layers(self.stem(x))                          # (N, 512, 4, 4)
         out = F.interpolate(out, size=x.shape[-2:], mode="nearest")
         return self.head(out)                                    # z; M = sigmoid(z) in cat.mask_of
 
@@ -184,4 +194,4 @@ def build(name, dataset):
         return PreActResNet18(classes, stats)
     if name == "wrn34_10":
         return WideResNet(34, 10, classes, stats)
-    return ResNet18Mask(stats)
+    return ResNet18Mask()
