@@ -71,8 +71,12 @@ def calibrate(x, delta, mask):
     """Eq. 10: x_cali = x + M * delta, clipped to the [0, 1] box.
 
     Since x and x + delta both lie in [0, 1] and M in (0, 1), x_cali lies on the segment
-    between them, so the clip only guards against rounding; it never cuts the gradient
-    to the mask in exact arithmetic. |x_cali - x| <= |delta| <= eps elementwise.
+    between them, so in exact arithmetic the clip changes nothing; it guards against
+    rounding. It can still cut the gradient to the mask: clamp's gradient is 0 where its
+    input equals a bound exactly, and fp32 rounding lands x + M * delta on 0 or 1 (e.g.
+    x = 0.99, delta = 0.01, M = 0.9999999 gives exactly 1.0; so does any M once x + delta
+    = 1 and M rounds to 1), so such pixels send g_phi no gradient.
+    |x_cali - x| <= |delta| <= eps elementwise.
     """
     return (x + mask * delta).clamp(0.0, 1.0)
 
