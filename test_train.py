@@ -241,8 +241,9 @@ def test_cli_train_and_evaluate_mnist(tmp_path):
     result = str(tmp_path / "eval.json")
     proc = run_cli("evaluate.py", os.path.join(out, "best.pt"), "--attacks", "natural,fgsm,pgd20,pgd10rs",
                    "--subset", "50", "--json", result, "--device", "cpu")
-    numbers = json.load(open(result))
-    assert {"natural", "fgsm", "pgd20", "pgd10rs", "avg"} <= set(numbers) and numbers["n_test"] == 50
+    row = json.load(open(result))["models"][0]
+    numbers = row["accuracy"]
+    assert {"natural", "fgsm", "pgd20", "pgd10rs", "avg"} <= set(numbers) and row["n_test"] == 50
     assert 0 <= numbers["pgd20"] <= numbers["natural"] <= 100
     assert "PGD-20" in proc.stdout and "Avg" in proc.stdout
 
