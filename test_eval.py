@@ -1,7 +1,8 @@
 """The specification of evaluate.py and attacks.mtpgd, as tests. Run: python -m pytest -q test_eval.py"""
-import argparse
+import csv
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -13,15 +14,14 @@ import attacks
 import data
 import evaluate
 import models
-from conftest import run_cli, tiny_cnn
+from conftest import HERE, Payload, run_cli, tiny_cnn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def mnist_settings(**over):
     """evaluate's MNIST settings, one run per attack, 100 Square queries, with `over` applied."""
-    s = evaluate.settings_for("mnist", argparse.Namespace(restarts=1, queries=100, seed=0))
-    return {**s, **over}
+    return {**evaluate.settings_for("mnist", queries=100), **over}
 
 
 def first_images(split, n):
@@ -79,6 +79,7 @@ def test_mtpgd_stays_in_the_threat_model(num_targets, random_start):
     assert (wrong_after >= wrong_before).all()
 
 
+@pytest.mark.slow
 def test_mtpgd_at_least_as_strong_as_pgd(natural_model, mnist_small):
     x, y = first_images(mnist_small[1], 200)
     eps, alpha, steps = 0.1, 0.01, 10
@@ -135,10 +136,11 @@ def test_worst_is_the_per_example_and_natural_included(rows):
     assert all(acc["worst"] <= acc[n] for n in shown)
 
 
+@pytest.mark.slow
 def test_worst_never_exceeds_any_attack(natural_model, mnist_small):
     names = ["natural", "fgsm", "pgd20", "mtpgd"]
-    s = mnist_settings(eps=0.05, alpha=0.01, mt_steps=5)
-    correct, _ = evaluate.evaluate_split(natural_model, mnist_small[1].take(torch.arange(100)), names, s, 50)
+    s = mnist_settings(eps=0.05, alpha=0.01, mt_steps=5, batch_size=50)
+    correct, _ = evaluate.evaluate_split(natural_model, mnist_small[1].take(torch.arange(100)), names, s)
     worst, acc = evaluate.worst_correct(correct, names), evaluate.accuracies(correct, names)
     for n in names:
         assert (worst <= correct[n]).all() and acc["worst"] <= acc[n]
@@ -189,18 +191,21 @@ SANITY_NAMES = ["natural", "fgsm", "pgd20", "square", "eps0", "large_eps"]
 
 def flags_of(model, split, names=SANITY_NAMES):
     s = mnist_settings()
-    correct, _ = evaluate.evaluate_split(model, split, names, s, 500)
+    correct, _ = evaluate.evaluate_split(model, split, names, s)
     return evaluate.all_flags(correct, s)
 
 
+@pytest.mark.slow
 def test_flags_silent_on_a_normal_model(natural_model, mnist_small):
     assert flags_of(natural_model, mnist_small[1].take(torch.arange(50))) == []
 
 
+@pytest.mark.slow
 def test_flags_fire_on_a_gradient_masked_model(natural_model, mnist_small):
     masked = nn.Sequential(Quantize(), natural_model).eval()
     flags = flags_of(masked, mnist_small[1].take(torch.arange(50)))
     assert any("PGD-20" in f and "above Square" in f and "gradient masking" in f for f in flags)
+    assert any("add apgd-ce,apgd-t" in f for f in flags)            # APGD did not run: say how to tell
     assert any("PGD-100 at eps 0.5" in f for f in flags)
 
 
@@ -224,6 +229,270 @@ def test_order_flag_needs_more_than_noise():
                                  "pgd100": torch.zeros(50, dtype=torch.bool)}) == []
 
 
+
+
+# ============================================================================ Square against white-box: masking or a weak PGD
+
+def survivors(n, broken):
+    """Bool (n,): True except at the indices in `broken`."""
+    correct = torch.ones(n, dtype=torch.bool)
+    correct[list(broken)] = False
+    return correct
+
+
+def test_square_flag_says_weak_pgd_when_apgd_matches_square():
+    # PGD-100 breaks 5 of 100; APGD-T and Square break ~20, mostly the same ones (CAT_cw's pattern)
+    correct = {"natural": survivors(100, []), "pgd100": survivors(100, range(5)),
+               "apgd-t": survivors(100, range(20)), "square": survivors(100, [*range(19), 25])}
+    flags = evaluate.all_flags(correct, mnist_settings())
+    assert len(flags) == 1 and "PGD-100 95.00% above Square 80.00%" in flags[0]
+    assert "(PGD-100, APGD-T) 80.00%" in flags[0] and evaluate.WHY_WEAK in flags[0]
+    assert not any(evaluate.WHY_MASKING in f or evaluate.WHY_MASKING_OR_WEAK in f for f in flags)
+
+
+def test_square_flag_says_masking_when_square_beats_apgd_too():
+    correct = {"natural": survivors(100, []), "pgd100": survivors(100, range(5)),
+               "apgd-t": survivors(100, range(6)), "square": survivors(100, range(20))}
+    flags = evaluate.square_flags(correct)
+    assert len(flags) == 1 and "(PGD-100, APGD-T) 94.00% above Square 80.00%" in flags[0]
+    assert evaluate.WHY_MASKING in flags[0] and "14/0" in flags[0]       # b = 14 only-Square breaks, c = 0
+
+
+def test_square_flag_needs_more_than_noise():
+    correct = {"apgd-t": survivors(100, range(10)), "square": survivors(100, range(16))}   # 6 <= 3 sqrt(6)
+    assert evaluate.square_flags(correct) == []
+    assert evaluate.square_flags({"square": survivors(100, range(50))}) == []               # no white-box ran
+
+
+@pytest.mark.slow
+def test_masking_flag_fires_on_the_masked_model_with_apgd(natural_model, mnist_small):
+    masked = nn.Sequential(Quantize(), natural_model).eval()
+    split = mnist_small[1].take(torch.arange(50))
+    correct, _ = evaluate.evaluate_split(masked, split, ["natural", "pgd20", "apgd-ce", "square"],
+                                         mnist_settings(queries=300))
+    flags = evaluate.square_flags(correct)
+    assert len(flags) == 1 and "(PGD-20, APGD-CE)" in flags[0] and evaluate.WHY_MASKING in flags[0]
+
+
+@pytest.mark.slow
+def test_masking_flag_silent_where_apgd_matches_square(natural_model, mnist_small):
+    split = mnist_small[1].take(torch.arange(50))
+    correct, _ = evaluate.evaluate_split(natural_model, split, ["natural", "pgd20", "apgd-ce", "square"],
+                                         mnist_settings(eps=0.05, alpha=0.0025, queries=300))
+    assert pct_of(correct["apgd-ce"]) <= pct_of(correct["square"]) + 4     # APGD matches Square here
+    assert evaluate.all_flags(correct, mnist_settings()) == []
+
+
+def pct_of(correct):
+    return 100 * correct.float().mean().item()
+
+
+# ============================================================================ any model: state_dicts and factories
+
+FACTORY = """
+import time
+
+import torch
+import torch.nn as nn
+
+
+class Slow(nn.Module):
+    def forward(self, x):
+        time.sleep(SLEEP)
+        return x
+
+
+def build():
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(32 * 49, 10))
+    net.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+    return nn.Sequential(Slow(), net) if SLEEP else net
+
+
+def broken():
+    raise ValueError("no weights here")
+
+
+def flat():
+    return nn.Flatten()
+
+
+def number():
+    return 3
+"""
+
+
+def write_factory(folder, natural_model, sleep=0.0):
+    """A RobustBench-style model file: build() returns the natural model (images in [0, 1], logits)."""
+    weights = folder / "natural.pt"
+    torch.save(natural_model.state_dict(), weights)
+    path = folder / "zoo.py"
+    path.write_text(FACTORY.replace("WEIGHTS", repr(str(weights))).replace("SLEEP", repr(sleep)))
+    return str(path)
+
+
+def evaluate_main(argv):
+    """evaluate.main on the CPU with the repository's data folder."""
+    evaluate.main([*argv, "--device", "cpu", "--data-dir", os.path.join(HERE, "data")])
+
+
+@pytest.mark.slow
+def test_a_factory_model_gets_every_attack_and_flag(natural_model, tmp_path, capsys):
+    zoo, out = write_factory(tmp_path, natural_model), tmp_path / "eval.json"
+    names = ["natural", "fgsm", "pgd20", "cw", "mtpgd", "pgd10rs", "apgd-ce", "apgd-t", "square", "autoattack"]
+    evaluate_main([f"{zoo}:build", "--dataset", "mnist", "--attacks", ",".join(names), "--eps", "0.2,0.3",
+                   "--subset", "10", "--restarts", "2", "--queries", "50", "--mt-steps", "3", "--cw-steps", "5",
+                   "--sanity", "--json", str(out), "--csv", str(tmp_path / "t.csv"), "--plot", str(tmp_path / "c.png")])
+    rows = json.load(open(out))["models"]
+    assert [r["eps"] for r in rows] == [0.2, 0.3] and all(r["kind"] == "factory" and r["complete"] for r in rows)
+    for r in rows:
+        assert list(r["accuracy"]) == names + ["avg", "worst"] and set(r["stderr"]) == set(names)
+        assert r["accuracy"]["worst"] <= min(r["accuracy"][a] for a in names) and isinstance(r["flags"], list)
+        assert set(r["seconds"]) >= set(names) and all(len(b) == 10 for b in r["correct"].values())
+    s = rows[0]["settings"]
+    assert (s["restarts"], s["queries"], s["mt_steps"], s["cw_steps"]) == (2, 50, 3, 5)
+    assert s["alpha"] == pytest.approx(0.01) and s["cw_eps"] == 0.2        # the paper's step/eps ratio at eps 0.2
+    assert "sanity" in rows[0] and "eps0" in rows[0]["correct"] and "sanity" not in rows[1]   # once per model
+    stdout = capsys.readouterr().out
+    assert "AutoAttack: robust accuracy after APGD-CE" in stdout and "AutoAttack: running apgd-t" in stdout
+    assert len(list(csv.reader(open(tmp_path / "t.csv")))) == 3
+    assert open(tmp_path / "c.png", "rb").read(4) == b"\x89PNG"
+
+
+def test_a_state_dict_with_dataset_and_arch(tmp_path, capsys):
+    torch.manual_seed(0)
+    f = models.build("mnist_cnn", "mnist")
+    torch.save({f"module.{k}": v for k, v in f.state_dict().items()}, tmp_path / "weights.pt")   # a DDP save
+    evaluate_main([str(tmp_path / "weights.pt"), "--dataset", "mnist", "--arch", "mnist_cnn",
+                   "--attacks", "natural,fgsm", "--subset", "20", "--json", str(tmp_path / "e.json")])
+    row = json.load(open(tmp_path / "e.json"))["models"][0]
+    assert (row["kind"], row["arch"], row["dataset"], row["n_test"]) == ("state_dict", "mnist_cnn", "mnist", 20)
+    with torch.no_grad():
+        x, y = next(data.batches(data.load("mnist", os.path.join(HERE, "data"))[2].take(torch.arange(20)), 20))
+        assert row["accuracy"]["natural"] == pytest.approx(100 * (f(x).argmax(1) == y).float().mean().item())
+
+
+def model_refusal(case, tmp, natural_model):
+    """(argv, words the error line must contain) for a model that cannot be evaluated."""
+    zoo = write_factory(tmp, natural_model)
+    torch.save(models.build("mnist_cnn", "mnist").state_dict(), tmp / "sd.pt")
+    return {
+        "state_dict, wrong arch": ([str(tmp / "sd.pt"), "--dataset", "cifar10", "--arch", "preact18"],
+                                   "does not fit --arch preact18"),
+        "state_dict, no arch": ([str(tmp / "sd.pt")], "pass --dataset and --arch"),
+        "factory raises": ([f"{zoo}:broken", "--dataset", "mnist"], "raised ValueError: no weights here"),
+        "factory, no such function": ([f"{zoo}:nothing", "--dataset", "mnist"], "raised AttributeError"),
+        "factory, wrong output shape": ([f"{zoo}:flat", "--dataset", "mnist"], "returns (2, 784)"),
+        "factory, not a module": ([f"{zoo}:number", "--dataset", "mnist"], "not a torch.nn.Module"),
+        "factory, no dataset": ([f"{zoo}:build"], "needs --dataset"),
+        "factory with --arch": ([f"{zoo}:build", "--dataset", "mnist", "--arch", "mnist_cnn"], "drop --arch"),
+        "factory, no file": ([f"{tmp}/nope.py:build", "--dataset", "mnist"], "no such file"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["state_dict, wrong arch", "state_dict, no arch", "factory raises",
+                                  "factory, no such function", "factory, wrong output shape", "factory, not a module",
+                                  "factory, no dataset", "factory with --arch", "factory, no file"])
+def test_models_that_cannot_be_evaluated_are_refused_in_one_line(case, natural_model, tmp_path, capsys):
+    argv, words = model_refusal(case, tmp_path, natural_model)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(argv + ["--attacks", "natural", "--json", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert not os.path.exists(tmp_path / "e.json")
+
+
+# ============================================================================ eps lists, progress, resume
+
+def test_eps_takes_fractions_and_lists():
+    args = evaluate.parse_args(["m.pt", "--eps", "8/255,2/255,8/255", "--attacks", "natural,pgd20"])
+    assert args.eps == [2 / 255, 8 / 255]                                       # sorted, duplicates dropped
+    assert evaluate.settings_for("cifar10", 8 / 255)["cw_eps"] == 0.031        # the paper's eps: its settings
+    assert evaluate.settings_for("cifar10", 2 / 255)["alpha"] == pytest.approx(0.003 / 4)
+
+
+@pytest.mark.slow
+def test_an_eps_list_gives_one_row_per_eps_and_accuracy_falls(natural_model, tmp_path, capsys):
+    zoo = write_factory(tmp_path, natural_model)
+    evaluate_main([f"{zoo}:build", "--dataset", "mnist", "--eps", "0.1,0.02,0.05", "--attacks", "natural,pgd20,apgd-ce",
+                   "--subset", "100", "--json", str(tmp_path / "e.json")])
+    rows = json.load(open(tmp_path / "e.json"))["models"]
+    assert [r["eps"] for r in rows] == [0.02, 0.05, 0.1]
+    assert len({r["accuracy"]["natural"] for r in rows}) == 1
+    for attack in ("pgd20", "apgd-ce", "worst"):
+        acc = [r["accuracy"][attack] for r in rows]
+        assert acc == sorted(acc, reverse=True) and acc[0] > acc[-1], (attack, acc)
+    table = capsys.readouterr().out
+    assert all(re.search(rf"zoo.py:build\s+{eps}\s", table) for eps in ("0.02", "0.05", "0.1"))
+
+
+def test_progress_lines_appear_while_an_attack_runs(natural_model, tmp_path, capsys):
+    zoo = write_factory(tmp_path, natural_model, sleep=0.01)          # ~0.25 s for PGD-20 on one batch
+    evaluate_main([f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural,pgd20", "--subset", "10",
+                   "--progress", "0.02"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "PGD-20: " in ln and "images" in ln]
+    assert len(lines) >= 3, lines
+    assert all(re.search(r"PGD-20: \d+/10 images, .*, \d+ s, ETA", ln) for ln in lines)
+
+
+def test_progress_line_gives_done_accuracy_and_eta():
+    progress = evaluate.Progress(1e9, log=lambda line: None)
+    with progress.running("PGD-20", 1000, done=200, n_correct=180):
+        progress.t0 -= 10                                   # 10 s in, 300 new images done
+        progress.update(500, 450)
+        assert progress.line() == "  PGD-20: 500/1000 images, 90.00% robust so far, 10 s, ETA 17 s"
+
+
+class Interrupt:
+    """attack_correct that raises KeyboardInterrupt (Ctrl-C) on call number `at`; counts calls."""
+
+    def __init__(self, at=None):
+        self.at, self.calls, self.real = at, 0, evaluate.attack_correct
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.real(*args)
+
+
+@pytest.mark.slow
+def test_a_killed_then_resumed_evaluation_equals_an_uninterrupted_one(natural_model, tmp_path, monkeypatch, capsys):
+    zoo = write_factory(tmp_path, natural_model)
+    argv = [f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural,fgsm,pgd20", "--restarts", "2",
+            "--eps", "0.05", "--subset", "60", "--batch-size", "20"]          # 3 batches per attack
+    evaluate_main(argv + ["--json", str(tmp_path / "whole.json")])
+    interrupt = Interrupt(at=5)                   # natural's 3 batches, fgsm's first; Ctrl-C in fgsm's second
+    monkeypatch.setattr(evaluate, "attack_correct", interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(argv + ["--json", str(tmp_path / "parts.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 130 and len(err) == 1 and "run the same command again to resume" in err[0]
+    kept = json.load(open(tmp_path / "parts.json"))["models"][0]
+    assert {a: len(b) for a, b in kept["correct"].items()} == {"natural": 60, "fgsm": 20}
+    assert list(kept["accuracy"]) == ["natural"] and not kept["complete"]       # finished attacks only
+    resumed = Interrupt()
+    monkeypatch.setattr(evaluate, "attack_correct", resumed)
+    evaluate_main(argv + ["--json", str(tmp_path / "parts.json")])
+    assert resumed.calls == 2 + 3                                                # fgsm's last two, pgd20's three
+    whole, parts = (json.load(open(tmp_path / f))["models"][0] for f in ("whole.json", "parts.json"))
+    assert parts["correct"] == whole["correct"] and parts["accuracy"] == whole["accuracy"] and parts["complete"]
+    assert parts["flags"] == whole["flags"]
+
+
+def test_a_changed_setting_starts_afresh(natural_model, tmp_path, monkeypatch):
+    zoo = write_factory(tmp_path, natural_model)
+    argv = [f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural,fgsm", "--subset", "20",
+            "--json", str(tmp_path / "e.json")]
+    evaluate_main(argv + ["--eps", "0.05"])
+    counted = Interrupt()
+    monkeypatch.setattr(evaluate, "attack_correct", counted)
+    evaluate_main(argv + ["--eps", "0.05"])
+    assert counted.calls == 0                                                    # all finished: nothing reruns
+    evaluate_main(argv + ["--eps", "0.1"])
+    assert counted.calls == 2 and json.load(open(tmp_path / "e.json"))["models"][0]["eps"] == 0.1
+
+
 # ============================================================================ the command line
 
 @pytest.fixture(scope="module")
@@ -235,29 +504,45 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A folder with best.pt: an untrained CAT checkpoint in train.py's format (no training run)."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    f, g = models.build("mnist_cnn", "mnist"), models.build("mnist_mask", "mnist")
+    config = {"dataset": "mnist", "arch": "mnist_cnn", "method": "cat", "eps": 0.3, "alpha": 0.015}
+    torch.save({"model": f.state_dict(), "mask": g.state_dict(), "config": config, "epoch": 1}, folder / "best.pt")
+    return str(folder)
+
+
+@pytest.mark.slow
 def test_cli_end_to_end(trained, tmp_path):
     result, png = str(tmp_path / "eval.json"), str(tmp_path / "masks.png")
     proc = run_cli("evaluate.py", os.path.join(trained, "best.pt"), "--attacks", "natural,fgsm,pgd20",
                    "--restarts", "2", "--subset", "50", "--json", result, "--save-masks", png, "--device", "cpu")
     numbers = json.load(open(result))
-    assert {"natural", "fgsm", "pgd20", "avg", "worst", "flags", "seed", "seconds", "wall_seconds"} <= set(numbers)
-    assert numbers["n_test"] == 50 and numbers["seed"] == 0
-    assert {"eps", "alpha", "kappa", "restarts", "queries"} <= set(numbers["settings"])
-    assert numbers["settings"]["restarts"] == 2
-    assert numbers["worst"] <= min(numbers[a] for a in ("natural", "fgsm", "pgd20"))
-    assert numbers["avg"] == pytest.approx((numbers["natural"] + numbers["fgsm"] + numbers["pgd20"]) / 3, abs=0.01)
-    assert {"mean", "mean_bright", "mean_dark"} <= set(numbers["masks"]) and 0 <= numbers["masks"]["mean"] <= 1
+    assert set(numbers) == {"models", "attacks", "command", "wall_seconds"} and len(numbers["models"]) == 1
+    row = numbers["models"][0]
+    acc = row["accuracy"]
+    assert list(acc) == ["natural", "fgsm", "pgd20", "avg", "worst"] and set(row["stderr"]) == {"natural", "fgsm", "pgd20"}
+    assert row["n_test"] == 50 and row["seed"] == 0 and row["kind"] == "checkpoint" and row["method"] == "cat"
+    assert {"eps", "alpha", "kappa", "restarts", "queries", "batch_size"} <= set(row["settings"])
+    assert row["settings"]["restarts"] == 2 and row["eps"] == 0.3
+    assert acc["worst"] <= min(acc[a] for a in ("natural", "fgsm", "pgd20"))
+    assert acc["avg"] == pytest.approx((acc["natural"] + acc["fgsm"] + acc["pgd20"]) / 3, abs=0.01)
+    assert {"mean", "mean_bright", "mean_dark"} <= set(row["masks"]) and 0 <= row["masks"]["mean"] <= 1
     assert os.path.getsize(png) > 100 and open(png, "rb").read(4) == b"\x89PNG"
     assert "PGD-20" in proc.stdout and "Avg" in proc.stdout and "Worst" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_two_models_one_table(trained, tmp_path):
     result = str(tmp_path / "eval.json")
     proc = run_cli("evaluate.py", os.path.join(trained, "best.pt"), os.path.join(trained, "last.pt"),
                    "--attacks", "natural,fgsm", "--subset", "20", "--json", result, "--device", "cpu")
     numbers = json.load(open(result))
-    assert [m["checkpoint"][-7:] for m in numbers["models"]] == ["best.pt", "last.pt"]
-    assert all(m["n_test"] == 20 and "worst" in m for m in numbers["models"])
+    assert [m["source"][-7:] for m in numbers["models"]] == ["best.pt", "last.pt"]
+    assert all(m["n_test"] == 20 and "worst" in m["accuracy"] for m in numbers["models"])
     assert "run/best.pt" in proc.stdout and "run/last.pt" in proc.stdout
 
 
@@ -265,16 +550,6 @@ def cifar_checkpoint(path):
     f = models.build("preact18", "cifar10")
     torch.save({"model": f.state_dict(), "mask": None, "config": {"dataset": "cifar10", "arch": "preact18"},
                 "epoch": 1}, path)
-
-
-class Payload:
-    """Unpickling this would create the file `marker`: a checkpoint must never run it."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def bad_input(case, ckpt, tmp):
@@ -293,9 +568,16 @@ def bad_input(case, ckpt, tmp):
     elif case == "missing data":
         cifar_checkpoint(tmp / "cifar.pt")
     return {
-        "unknown attack": ([best, "--attacks", "natural,pgd7"], "unknown attack pgd7"),
-        "unknown flag": ([best, "--eps", "0.1"], "unrecognized arguments"),
+        "unknown attack": ([best, "--attacks", "natural,pgd7x"], "unknown attack pgd7x"),
+        "unknown flag": ([best, "--epsilon", "0.1"], "unrecognized arguments"),
         "bad subset": ([best, "--subset", "0"], "--subset 0"),
+        "bad eps": ([best, "--eps", "0.1,0"], "(0, 1]"),
+        "eps not a number": ([best, "--eps", "0.1,x"], "not a number"),
+        "plot, one eps": ([best, "--eps", "0.3", "--plot", str(tmp / "c.png")], "two or more --eps"),
+        "alpha unused": ([best, "--attacks", "natural,fgsm", "--alpha", "0.01"], "--alpha is the step"),
+        "queries unused": ([best, "--attacks", "natural,pgd20", "--queries", "10"], "--queries applies to square"),
+        "restarts unused": ([best, "--attacks", "natural,fgsm", "--restarts", "2"], "--restarts applies"),
+        "progress": ([best, "--progress", "0"], "--progress 0.0 must be > 0"),
         "missing": ([str(tmp / "nope.pt")], "no such checkpoint"),
         "truncated": ([str(tmp / "cut.pt")], "truncated"),
         "pickled object": ([str(tmp / "evil.pt")], "refused"),
@@ -308,11 +590,12 @@ def bad_input(case, ckpt, tmp):
     }[case]
 
 
-@pytest.mark.parametrize("case", ["unknown attack", "unknown flag", "bad subset", "missing", "truncated",
-                                  "pickled object", "foreign", "dataset mismatch", "arch mismatch", "not CAT",
-                                  "missing data", "json folder"])
-def test_bad_input_one_line_exit_2_nothing_written(case, trained, tmp_path, capsys):
-    argv, words = bad_input(case, trained, tmp_path)
+@pytest.mark.parametrize("case", ["unknown attack", "unknown flag", "bad subset", "bad eps", "eps not a number",
+                                  "plot, one eps", "alpha unused", "queries unused", "restarts unused", "progress",
+                                  "missing", "truncated", "pickled object", "foreign", "dataset mismatch",
+                                  "arch mismatch", "not CAT", "missing data", "json folder"])
+def test_bad_input_one_line_exit_2_nothing_written(case, checkpoint, tmp_path, capsys):
+    argv, words = bad_input(case, checkpoint, tmp_path)
     if "--json" not in argv:
         argv += ["--json", str(tmp_path / "eval.json")]
     with pytest.raises(SystemExit) as exit_info:
@@ -320,25 +603,34 @@ def test_bad_input_one_line_exit_2_nothing_written(case, trained, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
     assert not os.path.exists(tmp_path / "eval.json") and not os.path.exists(tmp_path / "m.png")
-    assert not os.path.exists(tmp_path / "marker")            # the pickled payload never ran
+    assert not os.path.exists(tmp_path / "c.png") and not os.path.exists(tmp_path / "marker")   # the payload never ran
 
 
-def test_missing_pyautoattack_says_how_to_install(trained, monkeypatch, capsys):
+def test_missing_pyautoattack_says_how_to_install(checkpoint, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)      # makes `import pyautoattack` fail
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main([os.path.join(trained, "best.pt"), "--attacks", "natural,square"])
+        evaluate.main([os.path.join(checkpoint, "best.pt"), "--attacks", "natural,apgd-t"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "pip install pyautoattack==0.2.0" in err[0]
 
 
+def test_missing_matplotlib_says_how_to_install(checkpoint, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([os.path.join(checkpoint, "best.pt"), "--eps", "0.1,0.2", "--plot", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "pip install matplotlib" in err[0]
+
+
+@pytest.mark.slow
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     proc = run_cli("evaluate.py", str(tmp_path / "nope.pt"), "--attacks", "natural,bogus", check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "bogus" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_device_cuda_without_a_gpu_is_one_line(trained, capsys):
+def test_device_cuda_without_a_gpu_is_one_line(checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main([os.path.join(trained, "best.pt"), "--device", "cuda"])
+        evaluate.main([os.path.join(checkpoint, "best.pt"), "--device", "cuda"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "--device cpu" in err[0]

@@ -1,0 +1,260 @@
+"""Tables and pictures from finished runs: mean +- sd over seeds, the per-epoch validation table,
+and the per-epoch curves of several runs in one PNG.
+
+    python report.py runs/cat_s0 runs/cat_s1 runs/cat_s2 runs/at_s0 runs/at_s1 --eval eval.json
+    python report.py results/mnist_at_0.3 results/mnist_cat_cw_0.3 --epochs --curves curves.png
+    python report.py "seed 1=results/diag_cat_cent/seed1.jsonl" results/mnist_cat_cent_0.3 --epochs
+
+A run is a train.py output folder (config.json or best.pt's config, metrics.jsonl and, with
+--eval, the evaluate.py JSON of that name in it) or a bare metrics.jsonl file. `label=run` names
+a column. Runs whose configs differ only in the seed (or in where and on what device they ran)
+form one group; the seeds table gives each number of a group as mean +- sd over its runs (sample
+standard deviation, n - 1), with n. Accuracies are in %.
+"""
+import json
+import math
+import os
+
+import common
+import evaluate
+from common import OneLineParser, die
+
+# Config keys that do not change the experiment: runs that differ only in these are seeds of one setting.
+NOT_THE_EXPERIMENT = {"seed", "out", "resume", "overwrite", "device", "data_dir"}
+METHODS = {"at": "AT", "trades": "TRADES", "mart": "MART", "fat": "FAT"}
+
+
+# ============================================================================ reading runs
+
+def read_jsonl(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_config(folder):
+    """A run folder's config: config.json, else the one saved in best.pt or last.pt; None if neither."""
+    path = os.path.join(folder, "config.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            return json.load(fh)
+    for name in ("best.pt", "last.pt"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return common.load_checkpoint(os.path.join(folder, name))["config"]
+    return None
+
+
+def eval_rows(path):
+    """The rows of an evaluate.py JSON ({"models": [...]}); a file written before that shape (one
+    flat model) is read as one row with its accuracies under "accuracy"."""
+    with open(path) as fh:
+        doc = json.load(fh)
+    if "models" in doc:
+        return doc["models"]
+    accuracy = {k: v for k, v in doc.items() if isinstance(v, (int, float)) and k not in ("n_test", "seed", "epoch",
+                                                                                          "seconds", "wall_seconds")}
+    return [{"accuracy": accuracy, "eps": doc.get("settings", {}).get("eps"), "n_test": doc.get("n_test")}]
+
+
+def read_run(arg, eval_name=None):
+    """{label, path, config, epochs (metrics.jsonl records), evals (evaluate.py rows)} for `arg`."""
+    label, _, path = arg.rpartition("=") if "=" in arg and os.path.exists(arg.rpartition("=")[2]) else ("", "", arg)
+    if os.path.isfile(path):
+        run = {"path": path, "config": None, "metrics": path, "evals": []}
+        label = label or os.path.splitext(os.path.basename(path))[0]
+    elif os.path.isdir(path):
+        run = {"path": path, "config": read_config(path), "metrics": os.path.join(path, "metrics.jsonl"), "evals": []}
+        if eval_name:
+            found = os.path.join(path, eval_name)
+            if not os.path.isfile(found):
+                die(f"{found}: no such evaluation; run evaluate.py with --json {found}, or drop --eval")
+            run["evals"] = eval_rows(found)
+    else:
+        die(f"{path}: neither a run folder nor a metrics.jsonl file")
+    if not os.path.isfile(run["metrics"]):
+        die(f"{run['metrics']}: no such file; pass a folder written by train.py")
+    return {**run, "label": label, "epochs": [r for r in read_jsonl(run["metrics"]) if "epoch" in r]}
+
+
+# ============================================================================ grouping and statistics
+
+def mean_sd(values):
+    """(mean, sample standard deviation with n - 1; None for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None)
+
+
+def experiment(config):
+    """The part of a config that defines the experiment, as a hashable key."""
+    if config is None:
+        return None
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in NOT_THE_EXPERIMENT})
+
+
+def base_label(config):
+    """AT(0.3), TRADES(0.3), CAT_cent(0.3), ...; CIFAR budgets in /255."""
+    method = config.get("method", "?")
+    name = f"CAT_{config.get('attack')}" if method == "cat" else METHODS.get(method, method)
+    eps = config.get("eps")
+    budget = f"{eps:g}" if config.get("dataset") == "mnist" or eps is None else f"{round(eps * 255)}/255"
+    return f"{name}({budget})"
+
+
+def group_runs(runs):
+    """[(label, [runs])], runs of one experiment together, in the order first seen. Groups that
+    would share a label get the config values that tell them apart."""
+    groups = {}
+    for i, run in enumerate(runs):
+        key = experiment(run["config"]) or f"run {i}"
+        groups.setdefault(key, []).append(run)
+    labelled = []
+    for key, members in groups.items():
+        cfg = members[0]["config"]
+        label = members[0]["label"] or (base_label(cfg) if cfg else members[0]["path"])
+        twins = [m[0]["config"] for k, m in groups.items() if k != key and m[0]["config"]
+                 and not m[0]["label"] and cfg and base_label(m[0]["config"]) == base_label(cfg)]
+        differ = sorted(k for k in cfg or {} if k not in NOT_THE_EXPERIMENT and any(t.get(k) != cfg[k] for t in twins))
+        if differ and not members[0]["label"]:
+            label += ", " + ", ".join(f"{k} {cfg[k]}" for k in differ)
+        labelled.append((label, members))
+    return labelled
+
+
+def best_epoch(epochs):
+    """The record train.py keeps as best.pt: the first epoch with the highest validation natural + PGD-20."""
+    return max(epochs, key=lambda r: r["val_natural"] + r["val_pgd20"]) if epochs else None
+
+
+def run_numbers(run):
+    """{column: value} of one run: best epoch and its validation numbers, then each evaluated
+    attack (and Worst) at each eps."""
+    numbers = {}
+    best = best_epoch(run["epochs"])
+    if best:
+        numbers.update({"best epoch": best["epoch"], "val natural": best["val_natural"],
+                        "val PGD-20": best["val_pgd20"]})
+    for row in run["evals"]:
+        for attack, value in row.get("accuracy", {}).items():
+            if attack != "avg":
+                numbers[(attack, row.get("eps"))] = value
+    return numbers
+
+
+# ============================================================================ tables
+
+def column_name(col, several_eps):
+    if isinstance(col, str):
+        return col
+    attack, eps = col
+    name = "Worst" if attack == "worst" else evaluate.title(attack) if evaluate.known(attack) else attack
+    return f"{name} (eps {eps:g})" if several_eps and eps is not None else name
+
+
+def cell(values, digits):
+    if not values:
+        return "-"
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def seeds_table(groups):
+    """Markdown: one line per group, each number as mean ± sd over the group's runs."""
+    numbers = [[run_numbers(r) for r in members] for _, members in groups]
+    cols = list(dict.fromkeys(c for rows in numbers for row in rows for c in row))
+    several_eps = len({c[1] for c in cols if isinstance(c, tuple)}) > 1
+    head = ["run", "n", "seeds", *[column_name(c, several_eps) for c in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (label, members), rows in zip(groups, numbers):
+        seeds = ", ".join(str((m["config"] or {}).get("seed", "-")) for m in members)
+        epoch_digits = 1 if len(members) > 1 else 0
+        cells = [cell([row[c] for row in rows if c in row], epoch_digits if c == "best epoch" else 2) for c in cols]
+        lines.append("| " + " | ".join([label, str(len(members)), seeds, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def run_labels(groups):
+    """One label per run: its group's, with the seed when the group holds several runs."""
+    return [(label if len(members) == 1 else f"{label}, seed {(m['config'] or {}).get('seed')}", m)
+            for label, members in groups for m in members]
+
+
+def epochs_table(groups):
+    """Markdown: validation natural / PGD-20 (%) per epoch and run, the mean mask in brackets."""
+    runs = run_labels(groups)
+    last = max((r["epoch"] for _, run in runs for r in run["epochs"]), default=0)
+    lines = ["| epoch | " + " | ".join(label for label, _ in runs) + " |", "|---|" + "---|" * len(runs)]
+    for epoch in range(1, last + 1):
+        cells = []
+        for _, run in runs:
+            rec = next((r for r in run["epochs"] if r["epoch"] == epoch), None)
+            cells.append("-" if rec is None else f"{rec['val_natural']:.1f} / {rec['val_pgd20']:.1f}"
+                         + (f" ({rec['mask']:.2f})" if "mask" in rec else ""))
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ============================================================================ curves
+
+def plot_curves(groups, path):
+    """Validation natural, PGD-20 and mean mask against epoch, one line per run, three panels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    panels = (("val_natural", "validation natural accuracy (%)"), ("val_pgd20", "validation PGD-20 accuracy (%)"),
+              ("mask", "mean mask M (CAT)"))
+    runs = run_labels(groups)
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    for i, (label, run) in enumerate(runs):
+        for ax, (key, _) in zip(axes, panels):          # one colour per run in every panel
+            points = [(r["epoch"], r[key]) for r in run["epochs"] if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=colors[i % len(colors)],
+                        label=label if key == "val_natural" else None)
+    for ax, (key, name) in zip(axes, panels):
+        ax.set(xlabel="epoch", ylabel=name, ylim=(-0.03, 1.03) if key == "mask" else (-2, 102))
+        ax.grid(alpha=0.3)
+    rows = math.ceil(len(runs) / 5)
+    fig.legend(loc="lower center", ncol=min(5, len(runs)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
+    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+# ============================================================================ command line
+
+def parse_args(argv=None):
+    p = OneLineParser(prog="report.py", description="Mean +- sd over seeds, per-epoch tables and curves of runs.")
+    p.add_argument("runs", nargs="+", help="train.py output folders or metrics.jsonl files; label=run names a column")
+    p.add_argument("--eval", metavar="NAME", help="the evaluate.py JSON in each run folder (e.g. eval.json) for "
+                   "the seeds table's test columns")
+    p.add_argument("--epochs", action="store_true", help="also print the per-epoch validation table")
+    p.add_argument("--curves", metavar="PNG", help="draw the per-epoch validation curves of all runs (matplotlib)")
+    args = p.parse_args(argv)
+    if args.curves and not os.path.isdir(os.path.dirname(os.path.abspath(args.curves))):
+        p.error(f"{args.curves}: its folder does not exist; create it first")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.curves:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            die("--curves draws with matplotlib: pip install matplotlib")
+    try:
+        groups = group_runs([read_run(arg, args.eval) for arg in args.runs])
+    except (OSError, ValueError, KeyError, common.CheckpointError) as e:
+        die(f"cannot read a run: {e}")
+    print(seeds_table(groups))
+    if args.epochs:
+        print("\nValidation natural / PGD-20 accuracy (%) per epoch, the mean mask in brackets:\n")
+        print(epochs_table(groups))
+    if args.curves:
+        plot_curves(groups, args.curves)
+        print(f"\ncurves: {args.curves}")
+
+
+if __name__ == "__main__":
+    main()

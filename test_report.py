@@ -1,0 +1,81 @@
+"""The specification of report.py, as tests. Run: python -m pytest -q test_report.py"""
+import json
+import math
+
+import pytest
+
+import report
+
+
+def write_run(folder, seed, val, test, method="cat", eps=0.3, evaluation="eval.json"):
+    """A train.py-like output folder: config.json, metrics.jsonl with one record per (natural,
+    PGD-20, mask) in `val`, and an evaluate.py JSON with the accuracies `test` at `eps`."""
+    folder.mkdir()
+    config = {"dataset": "mnist", "method": method, "attack": "cw", "eps": eps, "seed": seed, "out": str(folder),
+              "device": "cpu", "epochs": len(val)}
+    (folder / "config.json").write_text(json.dumps(config))
+    records = [{"epoch": i + 1, "val_natural": nat, "val_pgd20": rob, "mask": mask}
+               for i, (nat, rob, mask) in enumerate(val)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = {"model": "best.pt", "eps": eps, "n_test": 100, "accuracy": test}
+    (folder / evaluation).write_text(json.dumps({"models": [row]}))
+    return str(folder)
+
+
+def seeds(tmp_path):
+    """Three seeds of CAT_cw(0.3) and one AT(0.3) run."""
+    val = [(95.0, 80.0, 0.1), (97.0, 88.0, 0.5)]
+    runs = [write_run(tmp_path / f"cat_s{seed}", seed, val, {"natural": 99.0, "pgd20": pgd20, "worst": worst})
+            for seed, pgd20, worst in ((0, 90.0, 85.0), (1, 92.0, 86.0), (2, 97.0, 90.0))]
+    runs.append(write_run(tmp_path / "at_s0", 0, val, {"natural": 98.0, "pgd20": 91.0, "worst": 88.0}, method="at"))
+    return runs
+
+
+def test_mean_sd_by_hand():
+    mean, sd = report.mean_sd([90.0, 92.0, 97.0])
+    assert mean == 93.0 and sd == pytest.approx(math.sqrt((9 + 1 + 16) / 2))      # sample sd, n - 1 = 2
+    assert report.mean_sd([5.0]) == (5.0, None)
+
+
+def test_seeds_of_one_config_are_aggregated(tmp_path, capsys):
+    report.main([*seeds(tmp_path), "--eval", "eval.json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| run | n | seeds | best epoch | val natural | val PGD-20 | NATURAL | PGD-20 | Worst |"
+    # PGD-20: mean 93, sd sqrt(13) = 3.61; Worst: 85, 86, 90 -> mean 87, sd sqrt((4 + 1 + 9) / 2) = 2.65
+    assert lines[2] == "| CAT_cw(0.3) | 3 | 0, 1, 2 | 2.0 ± 0.0 | 97.00 ± 0.00 | 88.00 ± 0.00 | 99.00 ± 0.00 | " \
+                       "93.00 ± 3.61 | 87.00 ± 2.65 |"
+    assert lines[3] == "| AT(0.3) | 1 | 0 | 2 | 97.00 | 88.00 | 98.00 | 91.00 | 88.00 |"
+
+
+def test_configs_that_differ_beyond_the_seed_stay_apart(tmp_path, capsys):
+    val = [(95.0, 80.0, 0.1)]
+    a = write_run(tmp_path / "a", 0, val, {"pgd20": 90.0})
+    b = write_run(tmp_path / "b", 1, val, {"pgd20": 80.0}, eps=0.4)
+    report.main([a, b])
+    out = capsys.readouterr().out
+    assert "| CAT_cw(0.3) | 1 | 0 |" in out and "| CAT_cw(0.4) | 1 | 1 |" in out
+
+
+@pytest.mark.slow
+def test_epochs_table_and_curves(tmp_path, capsys):
+    runs = seeds(tmp_path)
+    png = tmp_path / "curves.png"
+    report.main([runs[0], f"mine={runs[3]}", "--epochs", "--curves", str(png)])
+    out = capsys.readouterr().out
+    assert "| epoch | CAT_cw(0.3) | mine |" in out
+    assert "| 1 | 95.0 / 80.0 (0.10) | 95.0 / 80.0 (0.10) |" in out and "| 2 | 97.0 / 88.0 (0.50)" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_epoch_is_the_first_of_equal_scores():
+    epochs = [{"epoch": 1, "val_natural": 90, "val_pgd20": 3}, {"epoch": 2, "val_natural": 95, "val_pgd20": 0},
+              {"epoch": 3, "val_natural": 95, "val_pgd20": 0}]
+    assert report.best_epoch(epochs)["epoch"] == 2             # train.py keeps the first improvement only
+
+
+def test_a_missing_evaluation_is_one_line(tmp_path, capsys):
+    run = write_run(tmp_path / "r", 0, [(95.0, 80.0, 0.1)], {"pgd20": 90.0})
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([run, "--eval", "nope.json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "nope.json: no such evaluation" in err[0]
