@@ -377,3 +377,25 @@ def test_validation_split_is_disjoint_from_train(tmp_path):
     tr, val, _ = data.load("cifar10", str(tmp_path), val_size=10, log=lambda *_: None)
     a, b = {bytes(t.numpy()) for t in tr.images}, {bytes(t.numpy()) for t in val.images}
     assert not a & b
+
+
+def test_mnist_step_size_follows_eps():
+    for eps, alpha in [("0.3", 0.015), ("0.4", 0.02), ("0.1", 0.005)]:
+        assert train.parse_config(["--dataset", "mnist", "--eps", eps])["alpha"] == pytest.approx(alpha)
+    assert train.parse_config(["--dataset", "mnist", "--eps", "0.4", "--alpha", "0.01"])["alpha"] == 0.01
+
+
+def test_logit_wall_joins_eq14_unless_paper_exact():
+    """A mask network whose logits sit at -10 (past the wall at -5): Eq. 14 gains (10 - 5)^2 = 25."""
+    losses = {}
+    for flags in ([], ["--paper-exact"]):
+        cfg, nets, x, y = small_setup(*flags)
+        last = [m for m in nets.g.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(-10.0)
+        torch.manual_seed(0)
+        logs = train.train_step(nets, x, y, cfg)
+        losses[bool(flags)] = logs["loss_g"].item()
+        assert logs["z_q50"].item() == pytest.approx(-10.0) and logs["mask_lo"].item() == 1.0
+    assert losses[False] - losses[True] == pytest.approx(25.0, rel=1e-4)

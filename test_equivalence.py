@@ -99,7 +99,7 @@ BATCH = {"mnist": 8, "cifar10": 4}
 
 
 def setup(dataset, *flags):
-    cfg = train.parse_config(["--dataset", dataset, "--steps", str(STEPS), "--stabiliser", "none", *flags])
+    cfg = train.parse_config(["--dataset", dataset, "--steps", str(STEPS), "--paper-exact", *flags])
     torch.manual_seed(0)
     nets = train.build_nets(cfg)
     with torch.no_grad():

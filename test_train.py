@@ -14,6 +14,7 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
 import attacks
+import cat
 import common
 import data
 import train
@@ -23,6 +24,8 @@ from conftest import HERE, METHOD_FLAGS, TINY, Payload, in_process, run_cli, wri
 # ============================================================================ flags and their errors
 
 BAD_FLAGS = [
+    (["--method", "trades", "--paper-exact"], "--paper-exact does nothing here"),
+    (["--no-mask", "--paper-exact"], "--paper-exact does nothing here"),
     (["--dataset", "imagenet"], "--dataset"), (["--arch", "vgg"], "--arch vgg"),
     (["--arch", "preact18"], "does not fit"), (["--method", "free"], "--method"),
     (["--attack", "fgsm"], "--attack"), (["--eps", "0"], "--eps"), (["--eps", "8"], "--eps"),
@@ -199,6 +202,20 @@ def test_stop_on_collapse_keeps_best(tmp_path, monkeypatch, capsys):
     assert "collapsed" in printed and "--stop-on-collapse" in printed
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 2
     assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shift,word", [(-30.0, "x,"), (30.0, "x + delta,")])
+def test_a_saturated_mask_is_warned_about(tmp_path, monkeypatch, capsys, shift, word):
+    monkeypatch.setattr(cat, "mask_of", lambda z: torch.sigmoid(z.float() + shift))
+    train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    warning = [line for line in capsys.readouterr().out.splitlines() if "mean mask" in line]
+    assert len(warning) == 1 and f"x_cali is {word}" in warning[0] and "not CAT" in warning[0]
+
+
+def test_a_healthy_mask_is_not_warned_about(tmp_path, capsys):
+    train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    assert "mean mask" not in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -46,8 +46,6 @@ DEFAULTS = {
 DEFAULTS["cifar100"] = dict(DEFAULTS["cifar10"], epochs=120, milestones=[100, 110])
 # The authors' schedules that depend on the classifier, over DEFAULTS[dataset]: (dataset, arch) -> settings.
 ARCH_DEFAULTS = {("cifar10", "wrn34_10"): dict(milestones=[100, 110])}
-for _d in DEFAULTS.values():
-    _d.update(stabiliser="wall", wall=5.0, wall_weight=1.0, warmup_steps=200)
 
 # Each baseline's own paper's (or public code's) training settings, over the dataset defaults.
 # MART and FAT published no MNIST setting: there they keep the dataset defaults above.
@@ -122,11 +120,8 @@ def build_parser():
     a("--weight-decay", type=float, help="SGD weight decay. default: 5e-4 (cifar)")
     a("--milestones", type=int, nargs="*", help="epochs after which lr is divided by 10. default: 30 (mnist), "
       "100 120 (cifar10 preact18), 100 110 (cifar10 wrn34_10, cifar100)")
-    a("--stabiliser", choices=["none", "wall", "reset", "ramp", "fwarm"], help="experimental")
-    a("--wall", type=float)
-    a("--wall-weight", type=float)
-    a("--warmup-steps", type=int)
-    a("--max-steps", type=int, help="experimental: stop an epoch after this many steps")
+    a("--paper-exact", action="store_true", help="CAT without the logit wall this repository adds to Eq. 14 "
+      "against the mask collapse (see README, 'Where the paper leaves room')")
     a("--seed", type=int, default=0)
     a("--subset", type=int, help="train on the first N examples of a seeded shuffle of the training split")
     a("--val-size", type=int, default=1000, help="held-out training examples used to pick best.pt")
@@ -196,6 +191,7 @@ def check_config(cfg):
             ("momentum", cfg["optimizer"] == "sgd", sgd), ("weight_decay", cfg["optimizer"] == "sgd", sgd),
             ("kappa", cfg["attack"] == "cw", f"with --attack cw (here {cfg['attack']})"),
             ("tau_milestones", cfg["method"] == "fat", "with --method fat"),
+            ("paper_exact", cfg["method"] == "cat" and cfg["mask"], "with --method cat and its mask network"),
             ("sync_bn", int(os.environ.get("WORLD_SIZE", "1")) > 1, "under torchrun with 2 or more processes")]
     checks += [(key not in cfg.get("explicit", ()) or acts, f"--{key.replace('_', '-')} does nothing here: "
                 f"it acts only {where}") for key, acts, where in idle]
@@ -222,7 +218,6 @@ class Nets:
     def __init__(self, f, g, opt_f, opt_g):
         self.f, self.g, self.opt_f, self.opt_g = f, g, opt_f, opt_g
         self.f_fast, self.f_train, self.g_train = f, f, g
-        self.step = 0
 
 
 def build_nets(cfg):
@@ -260,13 +255,11 @@ def train_step(nets, x, y, cfg, epoch=1):
     """One step of cfg['method'] on a batch; returns a dict of detached scalar tensors."""
     delta = perturb(nets.f_fast, x, y, cfg, epoch)
     use_mask = cfg["method"] == "cat" and cfg["mask"]
-    nets.step += 1
     if use_mask:                              # step 2: one forward of g_phi, graph kept for step 4
         nets.g.train()
         z = nets.g_train(x + delta)           # (N, C, H, W) logits; M = sigmoid(z) in fp32
         mask = cat.mask_of(z)
-        warm = cfg["stabiliser"] == "fwarm" and nets.step <= cfg["warmup_steps"]
-        x_train = x + delta if warm else cat.calibrate(x, delta, mask.detach())
+        x_train = cat.calibrate(x, delta, mask.detach())
     else:
         x_train = x + delta
     nets.f.train()                            # step 3: classifier update (Eq. 13 for CAT)
@@ -287,25 +280,22 @@ def mask_step(nets, x, y, delta, z, mask, cfg):
     statistics, running statistics updated by both forwards below). g_phi is not run again:
     z's graph from step 2 is reused, which gives the authors' second forward's output exactly,
     since g_phi has not changed; only its batch-norm running statistics see one update per
-    batch instead of two (they are read only in eval mode, never by training)."""
-    beta1 = cfg["beta1"]
-    if cfg["stabiliser"] == "ramp":
-        beta1 *= min(1.0, nets.step / cfg["warmup_steps"])
+    batch instead of two (they are read only in eval mode, never by training).
+    Not in the paper: unless --paper-exact, cat.logit_wall(z) joins Eq. 14. Without it the CE
+    term drives z to about -15 in the first tens of steps, while f is weak, and the sigmoid's
+    vanishing slope keeps the mask at 0 (CAT becomes natural training) after Eq. 14 has turned."""
     with attacks.set_mode(nets.f, cfg["attack_bn"] == "train"), frozen(nets.f):
         with torch.no_grad():
             logits_adv = nets.f_fast(x + delta)
-        loss_g, kl, ce = cat.mask_loss(logits_adv, nets.f_fast(cat.calibrate(x, delta, mask)), y, beta1)
-        if cfg["stabiliser"] == "wall":
-            loss_g = loss_g + cfg["wall_weight"] * cat.logit_wall(z, cfg["wall"])
+        loss_g, kl, ce = cat.mask_loss(logits_adv, nets.f_fast(cat.calibrate(x, delta, mask)), y, cfg["beta1"])
+        if not cfg["paper_exact"]:
+            loss_g = loss_g + cat.logit_wall(z)
         nets.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         nets.opt_g.step()
-    m = mask.detach()
-    mean = m.mean()
-    if cfg["stabiliser"] == "reset" and not 0.01 <= mean.item() <= 0.99:
-        nets.opt_g.state.clear()
+    m = mask.detach()           # saturation statistics: the mask collapse shows here first
     q = torch.quantile(z.detach().float().flatten()[:1 << 20], torch.tensor([0.01, 0.5, 0.99], device=z.device))
-    return {"loss_g": loss_g.detach(), "kl_g": kl, "ce_g": ce, "mask": mean,
+    return {"loss_g": loss_g.detach(), "kl_g": kl, "ce_g": ce, "mask": m.mean(),
             "mask_lo": (m < 0.01).float().mean(), "mask_hi": (m > 0.99).float().mean(),
             "z_q01": q[0], "z_q50": q[1], "z_q99": q[2]}
 
@@ -423,8 +413,8 @@ def prepare_out(cfg):
 
 
 def resume_config(cfg):
-    """The saved run's config, with only the RESUMABLE flags taken from the command line
-    (and today's defaults for settings newer than the checkpoint)."""
+    """The saved run's config, with only the RESUMABLE flags taken from the command line.
+    Settings newer than the checkpoint take the value that reproduces how it was trained."""
     try:
         ckpt = common.load_checkpoint(os.path.join(cfg["out"], "last.pt"))
     except common.CheckpointError as e:
@@ -434,7 +424,8 @@ def resume_config(cfg):
         if key not in RESUMABLE and saved.get(key) != cfg[key]:
             common.die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({saved.get(key)}); "
                 "drop the flag, or start a new run with another --out")
-    return {**cfg, **saved, **{k: cfg[k] for k in RESUMABLE}, "explicit": cfg["explicit"]}, ckpt
+    before = {"attack_bn": "eval", "paper_exact": True}          # what train.py did before each existed
+    return {**cfg, **before, **saved, **{k: cfg[k] for k in RESUMABLE}, "explicit": cfg["explicit"]}, ckpt
 
 
 def restore(nets, ckpt):
@@ -496,7 +487,7 @@ def check_finite(step_losses, upto, epoch, cfg):
 
 
 def run_epoch(nets, train, cfg, rt, state, stop):
-    """Train epoch state.epoch from batch state.step to its end, a Ctrl-C or --max-steps;
+    """Train epoch state.epoch from batch state.step to its end or a Ctrl-C;
     state.step, .sums and .seconds follow every batch."""
     order = torch.Generator().manual_seed(cfg["seed"] * 100003 + state.epoch)  # data order = f(seed, epoch)
     local_batch = max(1, cfg["batch_size"] // rt.world)
@@ -521,7 +512,7 @@ def run_epoch(nets, train, cfg, rt, state, stop):
             rt.log(f"epoch {state.epoch} [{state.step}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, "
                    f"epoch ETA {fmt_time((n_batches - state.step) / rate)}, " +
                    " ".join(f"{k} {v.item() / state.step:.4f}" for k, v in state.sums.items()))
-        if stop.set or (cfg.get("max_steps") and state.step >= cfg["max_steps"]):
+        if stop.set:
             break
 
 
@@ -543,6 +534,9 @@ def end_epoch(nets, val, cfg, rt, state, n_train):
     state.epoch, state.step, state.sums, state.seconds = epoch + 1, 0, {}, 0.0
     rt.log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% ({fmt_time(record['seconds'])})" +
            ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
+    if not 0.01 <= record.get("mask", 0.5) <= 0.99:
+        rt.log(f"WARNING: the mean mask was {record['mask']:.4f} over epoch {epoch}: x_cali is "
+               f"{'x' if record['mask'] < 0.01 else 'x + delta'}, so this is not CAT (the mask collapse; see README)")
     if rt.main:
         with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
