@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -83,35 +83,35 @@ RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop
 
 def build_parser():
     p = common.OneLineParser(description="Calibrated Adversarial Training (Huang et al. 2021) and baselines. "
-                      "Flags left unset take the paper's value for --dataset and --method.")
+                             "Flags left unset take the paper's value for --dataset and --method.")
     a = p.add_argument
     a("--dataset", default="mnist", choices=sorted(DEFAULTS))
-    a("--method", default="cat", choices=sorted(LOSSES),
-      help="cat (this paper), at (Madry et al.), trades (Zhang et al. 2019), mart (Wang et al. 2020), "
-           "fat (FAT for TRADES, Zhang et al. 2020); each baseline defaults to its own paper's settings")
+    a("--method", default="cat", choices=sorted(LOSSES), help="cat (this paper), at (Madry et al.), trades (Zhang et "
+      "al. 2019), mart (Wang et al. 2020), fat (FAT for TRADES, Zhang et al. 2020); each baseline defaults to its own "
+      "paper's settings")
     a("--arch", help="classifier: mnist_cnn (mnist); preact18 or wrn34_10 (cifar). default: mnist_cnn / preact18")
-    a("--attack", choices=sorted(ATTACK_LOSS),
-      help="loss of the training perturbation: cent = cross-entropy (CAT_cent), cw = CW-inf margin (CAT_cw), "
-           "kl = KL from the natural prediction (TRADES; Figure 5). default: cent (kl for trades and fat)")
+    a("--attack", choices=sorted(ATTACK_LOSS), help="loss of the training perturbation: cent = cross-entropy "
+      "(CAT_cent), cw = CW-inf margin (CAT_cw), kl = KL from the natural prediction (TRADES; Figure 5). "
+      "default: cent (kl for trades and fat)")
     a("--no-mask", dest="mask", action="store_false", help="CAT ablation A2: train on x + delta, no g_phi")
     a("--no-weighted-ce", dest="weighted_ce", action="store_false",
       help="CAT ablation A1 (with --no-mask): plain CE(f(x), y) in place of Eq. 8")
     a("--beta", type=float, help="weight of the robust term (beta of Eq. 13; TRADES' beta; MART's lambda). "
       "default: 1 (mnist), 5 (cifar)")
     a("--beta1", type=float, help="weight of the CE term in Eq. 14. default: 0.3 (mnist), 0.05 (cifar)")
-    a("--eps", type=common.fraction, help="L-inf budget in [0,1] pixel units; '8/255' is accepted. default: 0.3 (mnist), 8/255 (cifar)")
+    a("--eps", type=common.fraction, help="L-inf budget in [0,1] pixel units; '8/255' is accepted. "
+      "default: 0.3 (mnist), 8/255 (cifar)")
     a("--alpha", type=common.fraction, help="PGD step size, pixel units. default: eps/20 (mnist), 2/255 (cifar)")
     a("--steps", type=int, help="PGD steps T of the training attack. default: 20 (mnist), 10 (cifar)")
     a("--kappa", type=float, help="CW confidence for --attack cw, in logits. default: 150 (mnist), 50 (cifar)")
-    a("--start", type=common.fraction, help="radius of the uniform random start of the training attack, pixel units. "
-      "default: eps (the paper); the authors' MNIST code uses 0.1")
-    a("--attack-bn", choices=["train", "eval"],
-      help="mode of f's batch norm and dropout in the training attack and in CAT's g_phi update (Eq. 14): "
-           "train = batch statistics, running statistics updated by each forward (the CAT authors' and Madry "
-           "et al.'s code); eval = running statistics, frozen (TRADES', MART's and FAT's code). "
-           "default: train (cat, at), eval (trades, mart, fat)")
-    a("--tau-milestones", type=int, nargs="*", help="FAT: tau (steps allowed after misclassification) grows "
-      "by 1 after each of these epochs. default: 50 90 (cifar)")
+    a("--start", type=common.fraction, help="radius of the uniform random start of the training attack, pixel "
+      "units. default: eps (the paper); the authors' MNIST code uses 0.1")
+    a("--attack-bn", choices=["train", "eval"], help="mode of f's batch norm and dropout in the training attack and "
+      "in CAT's g_phi update (Eq. 14): train = batch statistics, running statistics updated by each forward (the CAT "
+      "authors' and Madry et al.'s code); eval = running statistics, frozen (TRADES', MART's and FAT's code). "
+      "default: train (cat, at), eval (trades, mart, fat)")
+    a("--tau-milestones", type=int, nargs="*", help="FAT: tau (steps allowed after misclassification) grows by 1 "
+      "after each of these epochs. default: 50 90 (cifar)")
     a("--epochs", type=int, help="default: 40 (mnist), 140 (cifar10), 120 (cifar100)")
     a("--batch-size", type=int, help="global batch (split across DDP processes). default: 100 (mnist), 128 (cifar)")
     a("--optimizer", choices=["adam", "sgd"], help="for both networks. default: adam (mnist), sgd (cifar)")
@@ -186,21 +186,16 @@ def check_config(cfg):
          "--attack-bn does nothing here: the MNIST networks have no batch norm or dropout"),
     ]
     # a typed flag that would do nothing here is refused, not ignored: (flag, acts here, where it acts)
-    sgd = f"with --optimizer sgd (here {cfg['optimizer']})"
-    idle = [("beta1", cfg["method"] == "cat" and cfg["mask"], "with --method cat and its mask network (no --no-mask)"),
+    sgd, mask = f"with --optimizer sgd (here {cfg['optimizer']})", cfg["method"] == "cat" and cfg["mask"]
+    idle = [("beta1", mask, "with --method cat and its mask network (no --no-mask)"),
             ("momentum", cfg["optimizer"] == "sgd", sgd), ("weight_decay", cfg["optimizer"] == "sgd", sgd),
             ("kappa", cfg["attack"] == "cw", f"with --attack cw (here {cfg['attack']})"),
             ("tau_milestones", cfg["method"] == "fat", "with --method fat"),
-            ("paper_exact", cfg["method"] == "cat" and cfg["mask"], "with --method cat and its mask network"),
+            ("paper_exact", mask, "with --method cat and its mask network"),
             ("sync_bn", int(os.environ.get("WORLD_SIZE", "1")) > 1, "under torchrun with 2 or more processes")]
     checks += [(key not in cfg.get("explicit", ()) or acts, f"--{key.replace('_', '-')} does nothing here: "
                 f"it acts only {where}") for key, acts, where in idle]
     return next((msg for ok, msg in checks if not ok), None)
-
-
-def lr_at(cfg, epoch):
-    """Learning rate of epoch `epoch` (1-based): lr / 10 per milestone already passed."""
-    return cfg["lr"] * 0.1 ** sum(epoch > m for m in cfg["milestones"])
 
 
 def tau_at(cfg, epoch):
@@ -211,9 +206,9 @@ def tau_at(cfg, epoch):
 # ============================================================================ one training step
 
 class Nets:
-    """The networks and optimizers of a run. `f`, `g` are the plain modules (what checkpoints
-    hold); `f_fast` is f as the attack and the frozen passes call it (compiled, or f);
-    `f_train`, `g_train` are what the parameter updates call (DDP-wrapped and/or compiled)."""
+    """The networks and optimizers of a run. `f`, `g` are the plain modules (what checkpoints hold); `f_fast` is f
+    as the attack and the frozen passes call it (compiled, or f); `f_train`, `g_train` are what the parameter
+    updates call (DDP-wrapped and/or compiled)."""
 
     def __init__(self, f, g, opt_f, opt_g):
         self.f, self.g, self.opt_f, self.opt_g = f, g, opt_f, opt_g
@@ -221,25 +216,22 @@ class Nets:
 
 
 def build_nets(cfg):
+    def optimizer(params):                  # check_config refuses a typed --momentum or --weight-decay with adam
+        if cfg["optimizer"] == "adam":
+            return torch.optim.Adam(params, lr=cfg["lr"])
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     f = models.build(cfg["arch"], cfg["dataset"])
     use_mask = cfg["method"] == "cat" and cfg["mask"]
     g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"]) if use_mask else None
-    return Nets(f, g, make_optimizer(f.parameters(), cfg), g and make_optimizer(g.parameters(), cfg))
-
-
-def make_optimizer(params, cfg):
-    if cfg["optimizer"] == "adam":          # check_config refuses a typed --momentum or --weight-decay here
-        return torch.optim.Adam(params, lr=cfg["lr"])
-    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    return Nets(f, g, optimizer(f.parameters()), g and optimizer(g.parameters()))
 
 
 def perturb(f, x, y, cfg, epoch=1):
     """Step 1: the training perturbation from a random start. Returns delta.
-    f runs in the mode cfg['attack_bn'] names: "train" (CAT's and AT's default, as their
-    authors' code: batch statistics, and every attack forward updates batch norm's running
-    statistics) or "eval" (TRADES', MART's, FAT's). Its flags are restored afterwards.
-    f's parameters are frozen meanwhile: the attack needs input gradients only, and a
-    torch.compile'd f would otherwise compute and drop every weight gradient, T times."""
+    f runs in the mode cfg['attack_bn'] names, its flags restored afterwards: "train" (CAT's and AT's default, as
+    their authors' code: batch statistics, and every attack forward updates batch norm's running statistics) or
+    "eval" (TRADES', MART's, FAT's). f's parameters are frozen meanwhile: the attack needs input gradients only,
+    and a torch.compile'd f would otherwise compute and drop every weight gradient, T times."""
     args = (f, x, y, cfg["eps"], cfg["alpha"], cfg["steps"])
     kw = dict(loss=ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"], random_start=cfg["start"] or True,
               train_mode=cfg["attack_bn"] == "train")
@@ -275,15 +267,14 @@ def train_step(nets, x, y, cfg, epoch=1):
 
 
 def mask_step(nets, x, y, delta, z, mask, cfg):
-    """Step 4: g_phi update on Eq. 14 with the updated f fixed: f's parameters get no gradient,
-    f runs in the attack's mode (cfg['attack_bn']; "train", as the authors' code: batch
-    statistics, running statistics updated by both forwards below). g_phi is not run again:
-    z's graph from step 2 is reused, which gives the authors' second forward's output exactly,
-    since g_phi has not changed; only its batch-norm running statistics see one update per
-    batch instead of two (they are read only in eval mode, never by training).
-    Not in the paper: unless --paper-exact, cat.logit_wall(z) joins Eq. 14. Without it the CE
-    term drives z to about -15 in the first tens of steps, while f is weak, and the sigmoid's
-    vanishing slope keeps the mask at 0 (CAT becomes natural training) after Eq. 14 has turned."""
+    """Step 4: g_phi update on Eq. 14 with the updated f fixed: f's parameters get no gradient, f runs in the
+    attack's mode (cfg['attack_bn']; "train", as the authors' code: batch statistics, running statistics updated
+    by both forwards below). g_phi is not run again: z's graph from step 2 gives the authors' second forward's
+    output exactly, since g_phi has not changed; only its batch-norm running statistics see one update per batch
+    instead of two (they are read only in eval mode, never by training).
+    Not in the paper: unless --paper-exact, cat.logit_wall(z) joins Eq. 14. Without it the CE term drives z to
+    about -15 in the first tens of steps, while f is weak, and the sigmoid's vanishing slope keeps the mask at 0
+    (CAT becomes natural training) after Eq. 14 has turned."""
     with attacks.set_mode(nets.f, cfg["attack_bn"] == "train"), frozen(nets.f):
         with torch.no_grad():
             logits_adv = nets.f_fast(x + delta)
@@ -300,18 +291,16 @@ def mask_step(nets, x, y, delta, z, mask, cfg):
             "z_q01": q[0], "z_q50": q[1], "z_q99": q[2]}
 
 
-class frozen:
-    """Context manager: the parameters of `model` do not require grad inside."""
-
-    def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
+@contextmanager
+def frozen(model):
+    """The parameters of `model` do not require grad inside."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
             p.requires_grad_(True)
 
 
@@ -321,10 +310,9 @@ class Runtime:
     """The one place that decides device, autocast dtype, memory format, compile and DDP."""
 
     def __init__(self, cfg):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = common.pick_device(cfg["device"], self.local_rank)
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.main = self.rank == 0
+        self.device = common.pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
@@ -332,28 +320,24 @@ class Runtime:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and common.bf16_available(self.device))
         self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-        self.main = self.rank == 0
 
     def autocast(self):
         """The context the training step runs in (evaluation never uses it)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def wrap(self, nets, cfg):
-        """Move to device and memory format; add DDP and torch.compile wrappers around the plain nets."""
+        """Move the plain nets to the device and memory format, then put DDP and/or torch.compile around them."""
         for net in (nets.f, nets.g):
             if net is not None:
                 net.to(self.device, memory_format=self.memory_format)
+        nets.f_fast, nets.f_train, nets.g_train = nets.f, nets.f, nets.g
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            ids = [self.device.index] if self.device.type == "cuda" else None
             if cfg["sync_bn"]:
                 nets.f = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.f)
                 nets.g = nets.g and torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.g)
-            nets.f_train = DDP(nets.f, device_ids=ids)
-            nets.g_train = nets.g and DDP(nets.g, device_ids=ids)
-        else:
-            nets.f_train, nets.g_train = nets.f, nets.g
-        nets.f_fast = nets.f
+            ddp = lambda net: torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            nets.f_fast, nets.f_train, nets.g_train = nets.f, ddp(nets.f), nets.g and ddp(nets.g)
         if cfg["compile"]:
             # every compiled module shares one dynamo frame: CAT needs ~5 graphs (f in attack, train,
             # no-grad and frozen modes, g), and a short last batch adds one per mode; 8 is too few
@@ -391,7 +375,6 @@ class State:
 
 def checkpoint(nets, cfg, state):
     """Everything a run needs to continue: plain state_dicts, optimizers, RNG, progress.
-
     epoch: epochs completed; step, partial: batches of epoch+1 already done and their sums."""
     partial = {"sums": {k: float(v) for k, v in state.sums.items()}, "seconds": state.seconds} if state.step else {}
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -401,30 +384,27 @@ def checkpoint(nets, cfg, state):
             "step": state.step, "partial": partial, "best": dict(state.best), "rng": rng}
 
 
-def prepare_out(cfg):
-    """Refuse an --out that already holds a run unless --resume or --overwrite."""
+def open_run(cfg):
+    """(cfg, None) for a new run, refusing an --out that holds one unless --overwrite. With --resume: the saved
+    run's config with only the RESUMABLE flags taken from the command line, and its checkpoint."""
     last = os.path.join(cfg["out"], "last.pt")
-    if cfg["resume"]:
-        if not os.path.isfile(last):
-            common.die(f"--resume: {last} does not exist; start the run without --resume")
-    elif os.path.exists(last) and not cfg["overwrite"]:
-        common.die(f"{cfg['out']} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            "or choose another --out")
-
-
-def resume_config(cfg):
-    """The saved run's config, with only the RESUMABLE flags taken from the command line.
-    Settings newer than the checkpoint take the value that reproduces how it was trained."""
+    if not cfg["resume"]:
+        if os.path.exists(last) and not cfg["overwrite"]:
+            common.die(f"{cfg['out']} already holds a run; pass --resume to continue it, --overwrite to replace "
+                       "it, or choose another --out")
+        return cfg, None
+    if not os.path.isfile(last):
+        common.die(f"--resume: {last} does not exist; start the run without --resume")
     try:
-        ckpt = common.load_checkpoint(os.path.join(cfg["out"], "last.pt"))
+        ckpt = common.load_checkpoint(last)
     except common.CheckpointError as e:
         common.die(f"--resume: {e}")
     saved = ckpt["config"]
     for key in cfg["explicit"]:
         if key not in RESUMABLE and saved.get(key) != cfg[key]:
             common.die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({saved.get(key)}); "
-                "drop the flag, or start a new run with another --out")
-    before = {"attack_bn": "eval", "paper_exact": True}          # what train.py did before each existed
+                       "drop the flag, or start a new run with another --out")
+    before = {"attack_bn": "eval", "paper_exact": True}      # settings newer than the checkpoint: how it was trained
     return {**cfg, **before, **saved, **{k: cfg[k] for k in RESUMABLE}, "explicit": cfg["explicit"]}, ckpt
 
 
@@ -449,19 +429,19 @@ def restore(nets, ckpt):
 # ============================================================================ the main loop
 
 def fmt_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class StopFlag:
-    """First Ctrl-C (or SIGTERM) asks the loop to save and stop after the current step; a second one kills."""
+    """First Ctrl-C (or SIGTERM) asks the loop to save and stop after the current step; a second one kills.
+    restore() gives the signals back to whoever had them (a notebook, a test runner)."""
 
     def __init__(self):
         self.set = False
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
-        """Give the signals back to whoever had them (a notebook, a test runner)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -478,17 +458,46 @@ def has_collapsed(best_pgd20, pgd20):
     return best_pgd20 >= 10 and pgd20 < best_pgd20 / 2
 
 
-def check_finite(step_losses, upto, epoch, cfg):
-    """Stop with one line if any training loss so far in this epoch is NaN or inf."""
-    bad = (~torch.isfinite(step_losses[:upto])).nonzero()
-    if len(bad):
-        common.die(f"non-finite loss at epoch {epoch} step {bad[0].item() + 1}; stopped without saving, "
-            f"{os.path.join(cfg['out'], 'last.pt')} still holds the last good state (try a lower --lr or --amp fp32)", 1)
+def setup(argv):
+    """(cfg, rt, nets, train, val, state) of a new run, or of the run in --out with --resume."""
+    cfg, ckpt = open_run(parse_config(argv))
+    rt = Runtime(cfg)
+    try:
+        train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=rt.log)
+    except data.DataError as e:
+        common.die(str(e))
+    if cfg["subset"]:
+        shuffle = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))
+        train = train.take(shuffle[:cfg["subset"]])
+    train, val = train.to(rt.device), val.to(rt.device)
+    val = val.take(torch.arange(rt.rank, len(val), rt.world, device=rt.device))   # each process checks its share
+    torch.manual_seed(cfg["seed"] + rt.rank)
+    nets, state = build_nets(cfg), State()
+    if ckpt is not None:
+        state = restore(nets, ckpt)
+        rt.log(f"resuming {cfg['out']} at epoch {state.epoch}" + (f", batch {state.step + 1}" if state.step else ""))
+    else:
+        os.makedirs(cfg["out"], exist_ok=True)
+        for name in ("metrics.jsonl", "best.pt") if rt.main else ():          # --overwrite: no stale results
+            with suppress(FileNotFoundError):
+                os.remove(os.path.join(cfg["out"], name))
+    rt.wrap(nets, cfg)
+    saved = {k: v for k, v in sorted(cfg.items()) if k != "explicit"}
+    rt.log("config:", json.dumps(saved))
+    rt.log(f"device {rt.device}, {'bf16 autocast' if rt.bf16 else 'fp32'}, processes {rt.world}, "
+           f"train {len(train)} / val {len(val) * rt.world} examples")
+    if rt.main:
+        common.write_json(saved, os.path.join(cfg["out"], "config.json"))
+    return cfg, rt, nets, train, val, state
 
 
 def run_epoch(nets, train, cfg, rt, state, stop):
-    """Train epoch state.epoch from batch state.step to its end or a Ctrl-C;
-    state.step, .sums and .seconds follow every batch."""
+    """Train epoch state.epoch from batch state.step to its end or a Ctrl-C; state.step, .sums and .seconds
+    follow every batch. Stops the run with one line on a NaN or inf loss."""
+    lr = cfg["lr"] * 0.1 ** sum(state.epoch > m for m in cfg["milestones"])     # / 10 per milestone passed
+    for opt in filter(None, (nets.opt_f, nets.opt_g)):
+        for group in opt.param_groups:
+            group["lr"] = lr
     order = torch.Generator().manual_seed(cfg["seed"] * 100003 + state.epoch)  # data order = f(seed, epoch)
     local_batch = max(1, cfg["batch_size"] // rt.world)
     n_batches = math.ceil(math.ceil(len(train) / rt.world) / local_batch)
@@ -506,7 +515,11 @@ def run_epoch(nets, train, cfg, rt, state, stop):
             state.sums[k] = state.sums.get(k, 0.0) + v.float()
         state.seconds = seconds + time.time() - t0
         if time.time() - last_print > 30 or state.step == n_batches or stop.set:
-            check_finite(step_losses, state.step, state.epoch, cfg)
+            bad = (~torch.isfinite(step_losses[:state.step])).nonzero()
+            if len(bad):
+                common.die(f"non-finite loss at epoch {state.epoch} step {bad[0].item() + 1}; stopped without "
+                           f"saving, {os.path.join(cfg['out'], 'last.pt')} still holds the last good state "
+                           "(try a lower --lr or --amp fp32)", 1)
             last_print = time.time()
             rate = (state.step - start) / (last_print - t0)                           # steps per second
             rt.log(f"epoch {state.epoch} [{state.step}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, "
@@ -517,13 +530,14 @@ def run_epoch(nets, train, cfg, rt, state, stop):
 
 
 def end_epoch(nets, val, cfg, rt, state, n_train):
-    """Validate, then choose best.pt and decide on a collapse from the all-reduced counts, so that
-    every DDP process decides alike; rank 0 writes metrics.jsonl, best.pt and last.pt. Moves
-    state on to the next epoch; returns whether robust accuracy collapsed."""
+    """Validate, then choose best.pt and decide on a collapse from the all-reduced counts, so that every DDP
+    process decides alike; rank 0 writes metrics.jsonl, best.pt and last.pt. Moves state on to the next epoch;
+    returns whether robust accuracy collapsed."""
     nat, rob, n = rt.all_sum(common.score(nets.f, val, cfg["dataset"]))
     nat, rob = 100 * nat / n, 100 * rob / n
     epoch, best = state.epoch, state.best
-    record = {"epoch": epoch, "lr": lr_at(cfg, epoch), **{k: round(v.item() / state.step, 5) for k, v in state.sums.items()},
+    record = {"epoch": epoch, "lr": nets.opt_f.param_groups[0]["lr"],
+              **{k: round(v.item() / state.step, 5) for k, v in state.sums.items()},
               "val_natural": round(nat, 2), "val_pgd20": round(rob, 2), "seconds": round(state.seconds, 1),
               "images_per_s": round(n_train / state.seconds, 1)}
     collapsed = has_collapsed(best["pgd20"], rob)
@@ -547,51 +561,12 @@ def end_epoch(nets, val, cfg, rt, state, n_train):
     return collapsed
 
 
-def setup(argv):
-    """(cfg, rt, nets, train, val, state) of a new run, or of the run in --out with --resume."""
-    cfg = parse_config(argv)
-    prepare_out(cfg)
-    ckpt = None
-    if cfg["resume"]:
-        cfg, ckpt = resume_config(cfg)
-    rt = Runtime(cfg)
-    try:
-        train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=rt.log)
-    except data.DataError as e:
-        common.die(str(e))
-    if cfg["subset"]:
-        train = train.take(torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))[:cfg["subset"]])
-    train, val = train.to(rt.device), val.to(rt.device)
-    val = val.take(torch.arange(rt.rank, len(val), rt.world, device=rt.device))   # each process checks its share
-    torch.manual_seed(cfg["seed"] + rt.rank)
-    nets, state = build_nets(cfg), State()
-    if ckpt is not None:
-        state = restore(nets, ckpt)
-        rt.log(f"resuming {cfg['out']} at epoch {state.epoch}" + (f", batch {state.step + 1}" if state.step else ""))
-    else:
-        os.makedirs(cfg["out"], exist_ok=True)
-        for name in ("metrics.jsonl", "best.pt") if rt.main else ():          # --overwrite: no stale results
-            if os.path.exists(os.path.join(cfg["out"], name)):
-                os.remove(os.path.join(cfg["out"], name))
-    rt.wrap(nets, cfg)
-    saved = {k: v for k, v in sorted(cfg.items()) if k != "explicit"}
-    rt.log("config:", json.dumps(saved))
-    rt.log(f"device {rt.device}, {'bf16 autocast' if rt.bf16 else 'fp32'}, processes {rt.world}, "
-           f"train {len(train)} / val {len(val) * rt.world} examples")
-    if rt.main:
-        common.write_json(saved, os.path.join(cfg["out"], "config.json"))
-    return cfg, rt, nets, train, val, state
-
-
 def main(argv=None):
     stop = StopFlag()                 # first: a Ctrl-C at any point below ends in a clean save
     try:
         cfg, rt, nets, train, val, state = setup(argv)
         run_start, last_path = time.time(), os.path.join(cfg["out"], "last.pt")
         while state.epoch <= cfg["epochs"]:
-            for opt in (nets.opt_f, nets.opt_g):
-                for group in (opt.param_groups if opt else []):
-                    group["lr"] = lr_at(cfg, state.epoch)
             run_epoch(nets, train, cfg, rt, state, stop)
             if stop.set:
                 if rt.main:
