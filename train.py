@@ -1,6 +1,6 @@
 """Calibrated Adversarial Training, and the baselines it is compared with, in one loop.
 
-    python train.py --dataset mnist --attack cent --beta1 0.3 --epochs 1 --subset 3000 --out runs/demo
+    python train.py --dataset mnist --subset 15000 --epochs 1 --out runs/demo
     python train.py --dataset cifar10 --arch preact18 --attack cw --beta1 0.05
     python train.py --dataset cifar10 --method trades            # at | trades | mart | fat | cat
     torchrun --nproc_per_node 2 train.py --dataset cifar10        # DDP, one process per GPU
