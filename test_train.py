@@ -123,12 +123,17 @@ def test_resume_refuses_a_foreign_dict(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "not a train.py checkpoint" in err[0]
 
 
-@pytest.mark.slow
-def test_out_with_a_run_is_refused(tmp_path, capsys):
+def one_epoch_run(tmp_path, capsys):
+    """A finished one-epoch run: (its --out folder, the bytes of its last.pt)."""
     out = str(tmp_path / "run")
     train.main(TINY + ["--epochs", "1", "--out", out])
-    before = open(os.path.join(out, "last.pt"), "rb").read()
     capsys.readouterr()
+    return out, open(os.path.join(out, "last.pt"), "rb").read()
+
+
+@pytest.mark.slow
+def test_out_with_a_run_is_refused(tmp_path, capsys):
+    out, before = one_epoch_run(tmp_path, capsys)
     code, err = in_process(TINY + ["--epochs", "1", "--out", out], capsys)
     assert code == 2 and len(err) == 1 and "--resume" in err[0] and "--overwrite" in err[0]
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
@@ -213,6 +218,7 @@ def test_a_saturated_mask_is_warned_about(tmp_path, monkeypatch, capsys, shift, 
     assert len(warning) == 1 and f"x_cali is {word}" in warning[0] and "not CAT" in warning[0]
 
 
+@pytest.mark.slow
 def test_a_healthy_mask_is_not_warned_about(tmp_path, capsys):
     train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
     assert "mean mask" not in capsys.readouterr().out
@@ -220,10 +226,7 @@ def test_a_healthy_mask_is_not_warned_about(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--epochs", "1", "--out", out])
-    before = open(os.path.join(out, "last.pt"), "rb").read()
-    capsys.readouterr()
+    out, before = one_epoch_run(tmp_path, capsys)
     code, err = in_process(TINY + ["--epochs", "1", "--out", out, "--overwrite", "--optimizer", "sgd",
                                    "--lr", "1e30", "--amp", "fp32"], capsys)
     assert code == 1 and len(err) == 1 and "non-finite loss at epoch 1 step" in err[0]
