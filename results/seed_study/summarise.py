@@ -1,6 +1,7 @@
 """Per-epoch mean +- sd (over seeds) of the seed study's metrics.jsonl files, as a Markdown table.
 
-    python results/seed_study/summarise.py results/seed_study
+    python results/seed_study/summarise.py results/seed_study          # CAT_cent: wall_s*, none_s*
+    python results/seed_study/summarise.py results/seed_study cw_      # CAT_cw: cw_wall_s*, cw_none_s*
 """
 import glob
 import json
@@ -25,11 +26,11 @@ def cell(values, digits):
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def main(root):
+def main(root, prefix=""):
     print("| arm | epoch | n | " + " | ".join(name for _, name, _ in KEYS) + " | collapsed (val PGD-20 < 5%) |")
     print("|---" * (len(KEYS) + 4) + "|")
     for arm, label in (("wall", "default (logit wall)"), ("none", "--paper-exact")):
-        per_run = list(runs(root, arm))
+        per_run = list(runs(root, prefix + arm))
         for epoch in range(1, max(len(r) for r in per_run) + 1):
             rows = [r[epoch - 1] for r in per_run if len(r) >= epoch]
             collapsed = sum(row["val_pgd20"] < 5 for row in rows)
@@ -38,4 +39,4 @@ def main(root):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "results/seed_study")
+    main(*(sys.argv[1:] or ["results/seed_study"]))
