@@ -193,6 +193,27 @@ def epochs_table(groups):
     return "\n".join(lines)
 
 
+# Per-epoch statistics averaged over a group's seeds: (metrics.jsonl key, column, digits).
+EPOCH_MEANS = (("val_natural", "val natural", 1), ("val_pgd20", "val PGD-20", 1), ("mask", "mean mask", 3),
+               ("mask_lo", "mask < 0.01", 3), ("z_q50", "median z", 1))
+COLLAPSED_BELOW = 5.0    # % validation PGD-20: the run trains no robustness (the mask collapse)
+
+
+def epoch_means_table(groups):
+    """Markdown: per group and epoch, mean ± sd over the group's runs of the validation accuracies
+    and the mask statistics, and how many runs sat below COLLAPSED_BELOW% PGD-20."""
+    keys = [k for k in EPOCH_MEANS if any(k[0] in r for _, ms in groups for m in ms for r in m["epochs"])]
+    head = ["run", "epoch", "n", *[name for _, name, _ in keys], f"val PGD-20 < {COLLAPSED_BELOW:g}%"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, members in groups:
+        for epoch in range(1, max((r["epoch"] for m in members for r in m["epochs"]), default=0) + 1):
+            recs = [r for m in members for r in m["epochs"] if r["epoch"] == epoch]
+            cells = [cell([r[k] for r in recs if k in r], d) for k, _, d in keys]
+            low = sum(r["val_pgd20"] < COLLAPSED_BELOW for r in recs)
+            lines.append("| " + " | ".join([label, str(epoch), str(len(recs)), *cells, f"{low}/{len(recs)}"]) + " |")
+    return "\n".join(lines)
+
+
 # ============================================================================ curves
 
 def plot_curves(groups, path):
@@ -228,7 +249,8 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", help="train.py output folders or metrics.jsonl files; label=run names a column")
     p.add_argument("--eval", metavar="NAME", help="the evaluate.py JSON in each run folder (e.g. eval.json) for "
                    "the seeds table's test columns")
-    p.add_argument("--epochs", action="store_true", help="also print the per-epoch validation table")
+    p.add_argument("--epochs", action="store_true", help="also print the per-epoch validation table (and, for "
+                   "seeds of one setting, its mean ± sd per epoch)")
     p.add_argument("--curves", metavar="PNG", help="draw the per-epoch validation curves of all runs (matplotlib)")
     args = p.parse_args(argv)
     if args.curves and not os.path.isdir(os.path.dirname(os.path.abspath(args.curves))):
@@ -251,6 +273,9 @@ def main(argv=None):
     if args.epochs:
         print("\nValidation natural / PGD-20 accuracy (%) per epoch, the mean mask in brackets:\n")
         print(epochs_table(groups))
+        if any(len(members) > 1 for _, members in groups):
+            print("\nPer epoch, mean ± sd over seeds:\n")
+            print(epoch_means_table(groups))
     if args.curves:
         plot_curves(groups, args.curves)
         print(f"\ncurves: {args.curves}")

@@ -47,6 +47,16 @@ def test_seeds_of_one_config_are_aggregated(tmp_path, capsys):
     assert lines[3] == "| AT(0.3) | 1 | 0 | 2 | 97.00 | 88.00 | 98.00 | 91.00 | 88.00 |"
 
 
+def test_epoch_means_over_seeds_by_hand(tmp_path):
+    runs = [report.read_run(write_run(tmp_path / f"s{seed}", seed, val, {}))
+            for seed, val in ((0, [(90.0, 0.0, 0.1), (92.0, 40.0, 0.6)]), (1, [(94.0, 10.0, 0.3), (96.0, 50.0, 0.8)]))]
+    lines = report.epoch_means_table(report.group_runs(runs)).splitlines()
+    assert lines[0] == "| run | epoch | n | val natural | val PGD-20 | mean mask | val PGD-20 < 5% |"
+    # epoch 1: natural 90, 94 -> 92 ± 2.83; PGD-20 0, 10 -> 5 ± 7.07; mask 0.1, 0.3 -> 0.2 ± 0.141; one below 5%
+    assert lines[2] == "| CAT_cw(0.3) | 1 | 2 | 92.0 ± 2.8 | 5.0 ± 7.1 | 0.200 ± 0.141 | 1/2 |"
+    assert lines[3] == "| CAT_cw(0.3) | 2 | 2 | 94.0 ± 2.8 | 45.0 ± 7.1 | 0.700 ± 0.141 | 0/2 |"
+
+
 def test_configs_that_differ_beyond_the_seed_stay_apart(tmp_path, capsys):
     val = [(95.0, 80.0, 0.1)]
     a = write_run(tmp_path / "a", 0, val, {"pgd20": 90.0})
