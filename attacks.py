@@ -40,6 +40,20 @@ def eval_mode(model):
     return set_mode(model, False)
 
 
+@contextlib.contextmanager
+def frozen(model):
+    """The parameters of `model` do not require grad inside (the attacks need input gradients only);
+    restored afterwards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def project(x_adv, x, eps):
     """Project onto the intersection of the eps-ball around x and the [0, 1] box."""
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)

@@ -20,6 +20,7 @@ import time
 import torch
 
 import common
+import config
 import models
 import train
 
@@ -31,7 +32,7 @@ DTYPES = ("fp32", "bf16")
 def parse_args(argv=None):
     p = common.OneLineParser(description="Time train.train_step of each method on synthetic data; print ratios.")
     a = p.add_argument
-    a("--dataset", default="mnist", choices=sorted(train.DEFAULTS))
+    a("--dataset", default="mnist", choices=sorted(config.DEFAULTS))
     a("--methods", default="cat,trades,at", help=f"comma list of {', '.join(train.LOSSES)}")
     a("--dtype", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = train.py --amp bf16 autocast)")
     a("--arch", help="classifier, as train.py --arch. default: mnist_cnn (mnist), preact18 (cifar)")
@@ -61,13 +62,13 @@ def parse_args(argv=None):
 
 
 def configs(args):
-    """{(method, dtype): cfg} from train.parse_config, with one batch size and T for all methods."""
+    """{(method, dtype): cfg} from config.parse_config, with one batch size and T for all methods."""
     flags = ["--dataset", args.dataset, "--device", args.device] + ["--no-channels-last"] * (not args.channels_last)
     flags += ["--compile"] * args.compile + (["--arch", args.arch] if args.arch else [])
-    cat_cfg = train.parse_config(flags + ["--method", "cat"])        # CAT's training defaults for --dataset
+    cat_cfg = config.parse_config(flags + ["--method", "cat"])        # CAT's training defaults for --dataset
     batch, steps = (cat_cfg[k] if v is None else v for k, v in (("batch_size", args.batch_size), ("steps", args.steps)))
     flags += ["--batch-size", str(batch), "--steps", str(steps)]            # parse_config refuses values < 1
-    return {(m, d): train.parse_config(flags + ["--method", m, "--amp", d]) for d in args.dtype for m in args.methods}
+    return {(m, d): config.parse_config(flags + ["--method", m, "--amp", d]) for d in args.dtype for m in args.methods}
 
 
 # ============================================================================ what is timed

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import config
 import data
 import train
 
@@ -59,7 +60,7 @@ def tiny_cnn(channels=1, classes=10):
 
 def small_setup(*flags):
     """(config, nets, x, y) for one training step on 16 random MNIST-shaped images."""
-    cfg = train.parse_config(["--dataset", "mnist", "--steps", "3", *flags])
+    cfg = config.parse_config(["--dataset", "mnist", "--steps", "3", *flags])
     torch.manual_seed(0)
     nets = train.build_nets(cfg)
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))

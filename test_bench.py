@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import bench
+import config
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -18,7 +19,7 @@ TINY = ["--dataset", "mnist", "--methods", "cat,trades", "--dtype", "fp32,bf16",
 
 
 def passes(method, steps, *flags):
-    cfg = train.parse_config(["--dataset", "mnist", "--method", method, "--steps", str(steps), "--batch-size", "4",
+    cfg = config.parse_config(["--dataset", "mnist", "--method", method, "--steps", str(steps), "--batch-size", "4",
                               "--device", "cpu", "--amp", "fp32", *flags])
     return bench.count_passes(cfg)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import attacks
 import cat
+import config
 import data
 import models
 import train
@@ -287,12 +288,16 @@ def test_ablation_a1_uses_plain_ce():
     assert train.LOSSES["cat"](logits, logits, y, cfg)[1].item() == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-6)
 
 
+def test_every_method_offered_has_a_loss():
+    assert sorted(train.LOSSES) == config.METHODS
+
+
 def test_method_defaults_come_from_their_papers():
-    trades = train.parse_config(["--dataset", "cifar10", "--method", "trades"])
+    trades = config.parse_config(["--dataset", "cifar10", "--method", "trades"])
     assert (trades["beta"], trades["eps"], trades["alpha"], trades["attack"]) == (6.0, 0.031, 0.007, "kl")
-    mine = train.parse_config(["--dataset", "cifar10", "--method", "trades", "--beta", "1"])
+    mine = config.parse_config(["--dataset", "cifar10", "--method", "trades", "--beta", "1"])
     assert mine["beta"] == 1.0                                   # a flag always wins
-    assert train.tau_at(train.parse_config(["--dataset", "cifar10", "--method", "fat"]), 60) == 1
+    assert config.tau_at(config.parse_config(["--dataset", "cifar10", "--method", "fat"]), 60) == 1
 
 
 # ============================================================================ data
@@ -381,8 +386,8 @@ def test_validation_split_is_disjoint_from_train(tmp_path):
 
 def test_mnist_step_size_follows_eps():
     for eps, alpha in [("0.3", 0.015), ("0.4", 0.02), ("0.1", 0.005)]:
-        assert train.parse_config(["--dataset", "mnist", "--eps", eps])["alpha"] == pytest.approx(alpha)
-    assert train.parse_config(["--dataset", "mnist", "--eps", "0.4", "--alpha", "0.01"])["alpha"] == 0.01
+        assert config.parse_config(["--dataset", "mnist", "--eps", eps])["alpha"] == pytest.approx(alpha)
+    assert config.parse_config(["--dataset", "mnist", "--eps", "0.4", "--alpha", "0.01"])["alpha"] == 0.01
 
 
 def test_logit_wall_joins_eq14_unless_paper_exact():

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
+import config
 import data
 import models
 import train
@@ -99,7 +100,7 @@ BATCH = {"mnist": 8, "cifar10": 4}
 
 
 def setup(dataset, *flags):
-    cfg = train.parse_config(["--dataset", dataset, "--steps", str(STEPS), "--paper-exact", *flags])
+    cfg = config.parse_config(["--dataset", dataset, "--steps", str(STEPS), "--paper-exact", *flags])
     torch.manual_seed(0)
     nets = train.build_nets(cfg)
     with torch.no_grad():
@@ -182,7 +183,7 @@ def test_attack_and_mask_update_run_f_in_the_attack_bn_mode():
     g = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1))
     x, y = torch.rand(4, 3, 4, 4), torch.randint(0, 10, (4,))
     for flags, attack_mode in [([], True), (["--attack-bn", "eval"], False)]:
-        cfg = train.parse_config(["--dataset", "cifar10", "--steps", "3", *flags])
+        cfg = config.parse_config(["--dataset", "cifar10", "--steps", "3", *flags])
         nets = train.Nets(f, g, torch.optim.SGD(f.parameters(), lr=0.01), torch.optim.SGD(g.parameters(), lr=0.01))
         modes = []
         hook = f[1].register_forward_pre_hook(lambda m, _: modes.append(m.training))
@@ -199,12 +200,12 @@ def test_attack_and_mask_update_run_f_in_the_attack_bn_mode():
                                           ("mart", "eval"), ("fat", "eval")])
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
 def test_attack_bn_default_follows_each_method_code(method, mode, dataset):
-    assert train.parse_config(["--dataset", dataset, "--method", method])["attack_bn"] == mode
+    assert config.parse_config(["--dataset", dataset, "--method", method])["attack_bn"] == mode
 
 
 def test_attack_bn_is_refused_where_it_does_nothing(capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_config(["--dataset", "mnist", "--attack-bn", "eval"])
+        config.parse_config(["--dataset", "mnist", "--attack-bn", "eval"])
     assert e.value.code == 2
     assert "--attack-bn does nothing here" in capsys.readouterr().err
 
@@ -259,7 +260,7 @@ def test_schedules_follow_the_authors_code():
     """(epochs, lr milestones) for CAT: CIFAR-10 PreAct-18 140 / 100, 120; WideResNet drops at
     100 and 110; CIFAR-100 120 / 100, 110; MNIST 40 / 30. A method's own schedule and a flag win."""
     def schedule(*argv):
-        cfg = train.parse_config(list(argv))
+        cfg = config.parse_config(list(argv))
         return cfg["epochs"], cfg["milestones"]
     assert schedule("--dataset", "mnist") == (40, [30])
     assert schedule("--dataset", "cifar10") == (140, [100, 120])

@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 import attacks
 import cat
 import common
+import config
 import data
 import train
 from conftest import HERE, METHOD_FLAGS, TINY, Payload, in_process, run_cli, write_fake_cifar
@@ -49,13 +50,13 @@ def test_bad_flags_get_one_line_and_exit_2(flags, needle, tmp_path, capsys):
 
 
 def test_flags_that_act_are_accepted(monkeypatch):
-    cfg = train.parse_config(["--method", "fat", "--tau-milestones", "3", "--attack", "cw", "--kappa", "2",
+    cfg = config.parse_config(["--method", "fat", "--tau-milestones", "3", "--attack", "cw", "--kappa", "2",
                               "--optimizer", "sgd", "--momentum", "0.5", "--weight-decay", "0"])
     assert (cfg["tau_milestones"], cfg["kappa"], cfg["momentum"], cfg["weight_decay"]) == ([3], 2.0, 0.5, 0.0)
-    assert train.parse_config(["--method", "cat", "--beta1", "0.1"])["beta1"] == 0.1
-    assert train.parse_config(["--dataset", "cifar10", "--momentum", "0.8"])["momentum"] == 0.8   # sgd by default
+    assert config.parse_config(["--method", "cat", "--beta1", "0.1"])["beta1"] == 0.1
+    assert config.parse_config(["--dataset", "cifar10", "--momentum", "0.8"])["momentum"] == 0.8   # sgd by default
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train.parse_config(["--sync-bn"])["sync_bn"]
+    assert config.parse_config(["--sync-bn"])["sync_bn"]
 
 
 def test_missing_and_corrupt_data_get_one_line(tmp_path, capsys):

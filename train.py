@@ -12,15 +12,16 @@ Per batch (Sec. 4.4 of the paper; the order is the authors' code's):
   4. update g  on Eq. 14 with the *updated* f fixed, reusing M's graph from step 2
 g_phi runs forward once per batch, and step 4 computes no gradient for f's parameters.
 The baselines skip steps 2 and 4 (x_cali = x + delta) and use their own loss in step 3.
+The flags and the paper's settings they default to are in config.py; this file holds the step, the runtime
+(device, dtype, compile, DDP) and the loop, in that order.
 """
-import argparse
 import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -29,43 +30,11 @@ import torch.distributed as dist
 import attacks
 import cat
 import common
+import config
 import data
 import models
 
-# ============================================================================ configuration
-
-# The paper's settings per dataset (Sec. 5.1.1) and, where it is silent, the authors' code's.
-DEFAULTS = {
-    "mnist": dict(arch="mnist_cnn", eps=0.3, alpha=None, steps=20, beta=1.0, beta1=0.3, kappa=150.0,
-                  epochs=40, batch_size=100, optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
-                  milestones=[30], tau_milestones=[], augment=False, attack_bn="train"),
-    "cifar10": dict(arch="preact18", eps=8 / 255, alpha=2 / 255, steps=10, beta=5.0, beta1=0.05, kappa=50.0,
-                    epochs=140, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-                    milestones=[100, 120], tau_milestones=[], augment=True, attack_bn="train"),
-}
-DEFAULTS["cifar100"] = dict(DEFAULTS["cifar10"], epochs=120, milestones=[100, 110])
-# The authors' schedules that depend on the classifier, over DEFAULTS[dataset]: (dataset, arch) -> settings.
-ARCH_DEFAULTS = {("cifar10", "wrn34_10"): dict(milestones=[100, 110])}
-
-# Each baseline's own paper's (or public code's) training settings, over the dataset defaults.
-# MART and FAT published no MNIST setting: there they keep the dataset defaults above.
-# attack_bn: TRADES', MART's and FAT's code attack in eval mode; Madry et al.'s AT code, like CAT's, in train mode.
-METHOD_DEFAULTS = {
-    ("at", "mnist"): dict(attack="cent", steps=40, alpha=0.01, lr=1e-4, batch_size=50, epochs=100, milestones=[]),
-    ("at", "cifar"): dict(attack="cent", steps=7, alpha=2 / 255, weight_decay=2e-4, epochs=205, milestones=[102, 154]),
-    ("trades", "mnist"): dict(attack="kl", steps=40, alpha=0.01, beta=1.0, optimizer="sgd", lr=0.01,
-                              momentum=0.9, batch_size=128, epochs=100, milestones=[54, 74, 89], attack_bn="eval"),
-    ("trades", "cifar"): dict(attack="kl", eps=0.031, steps=10, alpha=0.007, beta=6.0, weight_decay=2e-4,
-                              epochs=76, milestones=[74], attack_bn="eval"),
-    ("mart", "mnist"): dict(attack="cent", attack_bn="eval"),
-    ("mart", "cifar"): dict(attack="cent", steps=10, alpha=2 / 255, beta=5.0, lr=0.01, weight_decay=3.5e-3,
-                            epochs=100, milestones=[75, 90], attack_bn="eval"),
-    ("fat", "mnist"): dict(attack="kl", attack_bn="eval"),
-    ("fat", "cifar"): dict(attack="kl", eps=0.031, steps=10, alpha=0.007, beta=6.0, weight_decay=2e-4,
-                           epochs=120, milestones=[59, 89, 109], tau_milestones=[50, 90], attack_bn="eval"),
-    ("cat", "mnist"): dict(attack="cent"),
-    ("cat", "cifar"): dict(attack="cent"),
-}
+# ============================================================================ one training step
 
 # The outer loss of each method: (logits_nat, logits_adv, y, cfg) -> (loss, natural term, robust term).
 # For CAT, logits_adv are those of the calibrated example x_cali.
@@ -76,139 +45,11 @@ LOSSES = {
     "mart": lambda nat, adv, y, cfg: cat.mart_loss(nat, adv, y, cfg["beta"]),
     "fat": lambda nat, adv, y, cfg: cat.trades_loss(nat, adv, y, cfg["beta"]),
 }
-ATTACK_LOSS = {"cent": "ce", "cw": "cw", "kl": "kl"}     # --attack name -> attacks.pgd(loss=...)
-# Flags a resumed run may change; any other flag must match the run being resumed.
-RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop_on_collapse", "compile"}
 
-
-def build_parser():
-    p = common.OneLineParser(description="Calibrated Adversarial Training (Huang et al. 2021) and baselines. "
-                             "Flags left unset take the paper's value for --dataset and --method.")
-    a = p.add_argument
-    a("--dataset", default="mnist", choices=sorted(DEFAULTS))
-    a("--method", default="cat", choices=sorted(LOSSES), help="cat (this paper), at (Madry et al.), trades (Zhang et "
-      "al. 2019), mart (Wang et al. 2020), fat (FAT for TRADES, Zhang et al. 2020); each baseline defaults to its own "
-      "paper's settings")
-    a("--arch", help="classifier: mnist_cnn (mnist); preact18 or wrn34_10 (cifar). default: mnist_cnn / preact18")
-    a("--attack", choices=sorted(ATTACK_LOSS), help="loss of the training perturbation: cent = cross-entropy "
-      "(CAT_cent), cw = CW-inf margin (CAT_cw), kl = KL from the natural prediction (TRADES; Figure 5). "
-      "default: cent (kl for trades and fat)")
-    a("--no-mask", dest="mask", action="store_false", help="CAT ablation A2: train on x + delta, no g_phi")
-    a("--no-weighted-ce", dest="weighted_ce", action="store_false",
-      help="CAT ablation A1 (with --no-mask): plain CE(f(x), y) in place of Eq. 8")
-    a("--beta", type=float, help="weight of the robust term (beta of Eq. 13; TRADES' beta; MART's lambda). "
-      "default: 1 (mnist), 5 (cifar)")
-    a("--beta1", type=float, help="weight of the CE term in Eq. 14. default: 0.3 (mnist), 0.05 (cifar)")
-    a("--eps", type=common.fraction, help="L-inf budget in [0,1] pixel units; '8/255' is accepted. "
-      "default: 0.3 (mnist), 8/255 (cifar)")
-    a("--alpha", type=common.fraction, help="PGD step size, pixel units. default: eps/20 (mnist), 2/255 (cifar)")
-    a("--steps", type=int, help="PGD steps T of the training attack. default: 20 (mnist), 10 (cifar)")
-    a("--kappa", type=float, help="CW confidence for --attack cw, in logits. default: 150 (mnist), 50 (cifar)")
-    a("--start", type=common.fraction, help="radius of the uniform random start of the training attack, pixel "
-      "units. default: eps (the paper); the authors' MNIST code uses 0.1")
-    a("--attack-bn", choices=["train", "eval"], help="mode of f's batch norm and dropout in the training attack and "
-      "in CAT's g_phi update (Eq. 14): train = batch statistics, running statistics updated by each forward (the CAT "
-      "authors' and Madry et al.'s code); eval = running statistics, frozen (TRADES', MART's and FAT's code). "
-      "default: train (cat, at), eval (trades, mart, fat)")
-    a("--tau-milestones", type=int, nargs="*", help="FAT: tau (steps allowed after misclassification) grows by 1 "
-      "after each of these epochs. default: 50 90 (cifar)")
-    a("--epochs", type=int, help="default: 40 (mnist), 140 (cifar10), 120 (cifar100)")
-    a("--batch-size", type=int, help="global batch (split across DDP processes). default: 100 (mnist), 128 (cifar)")
-    a("--optimizer", choices=["adam", "sgd"], help="for both networks. default: adam (mnist), sgd (cifar)")
-    a("--lr", type=float, help="initial learning rate of both networks. default: 1e-3 (mnist), 0.1 (cifar)")
-    a("--momentum", type=float, help="SGD momentum. default: 0.9 (cifar)")
-    a("--weight-decay", type=float, help="SGD weight decay. default: 5e-4 (cifar)")
-    a("--milestones", type=int, nargs="*", help="epochs after which lr is divided by 10. default: 30 (mnist), "
-      "100 120 (cifar10 preact18), 100 110 (cifar10 wrn34_10, cifar100)")
-    a("--paper-exact", action="store_true", help="CAT without the logit wall this repository adds to Eq. 14 "
-      "against the mask collapse (see README, 'Where the paper leaves room')")
-    a("--seed", type=int, default=0)
-    a("--subset", type=int, help="train on the first N examples of a seeded shuffle of the training split")
-    a("--val-size", type=int, default=1000, help="held-out training examples used to pick best.pt")
-    a("--out", default="runs/cat", help="output folder: last.pt, best.pt, metrics.jsonl, config.json")
-    a("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    a("--overwrite", action="store_true", help="replace a run already in --out")
-    a("--stop-on-collapse", action="store_true",
-      help="stop when validation PGD-20 accuracy falls below half its best (catastrophic overfitting)")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--amp", default="auto", choices=["auto", "bf16", "fp32"],
-      help="bf16 autocast for training (evaluation is always fp32); auto = bf16 where the hardware has it")
-    a("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC memory format")
-    a("--compile", action="store_true", help="torch.compile both networks (checkpoints hold the plain ones)")
-    a("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
-    a("--data-dir", default="data", help="folder holding the datasets (see data.py)")
-    return p
-
-
-def parse_config(argv=None):
-    """Flags -> a plain dict with every default filled in, or exit 2 with one line."""
-    parser = build_parser()
-    cfg = vars(parser.parse_args(argv))
-    for action in parser._actions:          # parse again with no defaults: what was typed
-        action.default = argparse.SUPPRESS
-    cfg["explicit"] = sorted(vars(parser.parse_args(argv)))
-    group = "mnist" if cfg["dataset"] == "mnist" else "cifar"
-    arch = cfg["arch"] or DEFAULTS[cfg["dataset"]]["arch"]
-    for key, value in {**DEFAULTS[cfg["dataset"]], **ARCH_DEFAULTS.get((cfg["dataset"], arch), {}),
-                       **METHOD_DEFAULTS[cfg["method"], group]}.items():
-        if cfg.get(key) is None:
-            cfg[key] = value
-    if cfg["alpha"] is None:
-        cfg["alpha"] = cfg["eps"] / 20
-    problem = check_config(cfg)
-    if problem:
-        parser.error(problem)
-    return cfg
-
-
-def check_config(cfg):
-    """The first impossible value in cfg, as a sentence with its fix, or None."""
-    allowed = models.CLASSIFIERS[cfg["dataset"]]
-    if cfg["arch"] not in allowed:
-        return f"--arch {cfg['arch']} does not fit --dataset {cfg['dataset']}: use {' or '.join(allowed)}"
-    checks = [
-        (0 < cfg["eps"] <= 1, f"--eps {cfg['eps']} must be in (0, 1] pixel units, e.g. 0.3 or 8/255"),
-        (cfg["alpha"] > 0, f"--alpha {cfg['alpha']} must be > 0"),
-        (cfg["steps"] >= 1, f"--steps {cfg['steps']} must be >= 1"),
-        (cfg["beta"] >= 0, f"--beta {cfg['beta']} must be >= 0"),
-        (cfg["beta1"] >= 0, f"--beta1 {cfg['beta1']} must be >= 0"),
-        (cfg["kappa"] >= 0, f"--kappa {cfg['kappa']} must be >= 0"),
-        (cfg["start"] is None or cfg["start"] > 0, f"--start {cfg['start']} must be > 0"),
-        (cfg["epochs"] >= 1, f"--epochs {cfg['epochs']} must be >= 1"),
-        (cfg["batch_size"] >= 1, f"--batch-size {cfg['batch_size']} must be >= 1"),
-        (cfg["lr"] > 0, f"--lr {cfg['lr']} must be > 0"),
-        (cfg["subset"] is None or cfg["subset"] >= 1, f"--subset {cfg['subset']} must be >= 1"),
-        (cfg["val_size"] >= 1, f"--val-size {cfg['val_size']} must be >= 1"),
-        (cfg["method"] == "cat" or (cfg["mask"] and cfg["weighted_ce"]),
-         "--no-mask and --no-weighted-ce are ablations of --method cat"),
-        (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite exclude each other; pick one"),
-        (cfg["dataset"] != "mnist" or "attack_bn" not in cfg.get("explicit", ()),
-         "--attack-bn does nothing here: the MNIST networks have no batch norm or dropout"),
-    ]
-    # a typed flag that would do nothing here is refused, not ignored: (flag, acts here, where it acts)
-    sgd, mask = f"with --optimizer sgd (here {cfg['optimizer']})", cfg["method"] == "cat" and cfg["mask"]
-    idle = [("beta1", mask, "with --method cat and its mask network (no --no-mask)"),
-            ("momentum", cfg["optimizer"] == "sgd", sgd), ("weight_decay", cfg["optimizer"] == "sgd", sgd),
-            ("kappa", cfg["attack"] == "cw", f"with --attack cw (here {cfg['attack']})"),
-            ("tau_milestones", cfg["method"] == "fat", "with --method fat"),
-            ("paper_exact", mask, "with --method cat and its mask network"),
-            ("sync_bn", int(os.environ.get("WORLD_SIZE", "1")) > 1, "under torchrun with 2 or more processes")]
-    checks += [(key not in cfg.get("explicit", ()) or acts, f"--{key.replace('_', '-')} does nothing here: "
-                f"it acts only {where}") for key, acts, where in idle]
-    return next((msg for ok, msg in checks if not ok), None)
-
-
-def tau_at(cfg, epoch):
-    """FAT's tau for epoch `epoch`: one more per tau milestone passed."""
-    return sum(epoch > m for m in cfg["tau_milestones"])
-
-
-# ============================================================================ one training step
 
 class Nets:
-    """The networks and optimizers of a run. `f`, `g` are the plain modules (what checkpoints hold); `f_fast` is f
-    as the attack and the frozen passes call it (compiled, or f); `f_train`, `g_train` are what the parameter
-    updates call (DDP-wrapped and/or compiled)."""
+    """The networks and optimizers. f, g: the plain modules (what checkpoints hold); f_fast: f as the attack and the
+    frozen passes call it (compiled, or f); f_train, g_train: what the updates call (DDP-wrapped and/or compiled)."""
 
     def __init__(self, f, g, opt_f, opt_g):
         self.f, self.g, self.opt_f, self.opt_g = f, g, opt_f, opt_g
@@ -221,33 +62,28 @@ def build_nets(cfg):
             return torch.optim.Adam(params, lr=cfg["lr"])
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     f = models.build(cfg["arch"], cfg["dataset"])
-    use_mask = cfg["method"] == "cat" and cfg["mask"]
-    g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"]) if use_mask else None
+    g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"]) if config.uses_mask(cfg) else None
     return Nets(f, g, optimizer(f.parameters()), g and optimizer(g.parameters()))
 
 
 def perturb(f, x, y, cfg, epoch=1):
     """Step 1: the training perturbation from a random start. Returns delta.
-    f runs in the mode cfg['attack_bn'] names, its flags restored afterwards: "train" (CAT's and AT's default, as
-    their authors' code: batch statistics, and every attack forward updates batch norm's running statistics) or
-    "eval" (TRADES', MART's, FAT's). f's parameters are frozen meanwhile: the attack needs input gradients only,
-    and a torch.compile'd f would otherwise compute and drop every weight gradient, T times."""
+    f runs in the mode cfg['attack_bn'] names: "train" (CAT's and AT's authors: batch statistics, each attack
+    forward updates the running ones) or "eval" (TRADES', MART's, FAT's). Its parameters are frozen meanwhile:
+    the attack needs input gradients only, and a compiled f would otherwise compute every weight gradient T times."""
     args = (f, x, y, cfg["eps"], cfg["alpha"], cfg["steps"])
-    kw = dict(loss=ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"], random_start=cfg["start"] or True,
+    kw = dict(loss=config.ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"], random_start=cfg["start"] or True,
               train_mode=cfg["attack_bn"] == "train")
-    with frozen(f):
+    with attacks.frozen(f):
         if cfg["method"] == "fat":
-            x_adv = attacks.pgd_early_stop(*args, tau=tau_at(cfg, epoch), **kw)
-        else:
-            x_adv = attacks.pgd(*args, **kw)
-    return x_adv - x
+            return attacks.pgd_early_stop(*args, tau=config.tau_at(cfg, epoch), **kw) - x
+        return attacks.pgd(*args, **kw) - x
 
 
 def train_step(nets, x, y, cfg, epoch=1):
     """One step of cfg['method'] on a batch; returns a dict of detached scalar tensors."""
     delta = perturb(nets.f_fast, x, y, cfg, epoch)
-    use_mask = cfg["method"] == "cat" and cfg["mask"]
-    if use_mask:                              # step 2: one forward of g_phi, graph kept for step 4
+    if config.uses_mask(cfg):                        # step 2: one forward of g_phi, graph kept for step 4
         nets.g.train()
         z = nets.g_train(x + delta)           # (N, C, H, W) logits; M = sigmoid(z) in fp32
         mask = cat.mask_of(z)
@@ -261,21 +97,19 @@ def train_step(nets, x, y, cfg, epoch=1):
     loss_f.backward()
     nets.opt_f.step()
     logs = {"loss_f": loss_f.detach(), "nat": nat, "rob": rob}
-    if use_mask:
+    if config.uses_mask(cfg):
         logs.update(mask_step(nets, x, y, delta, z, mask, cfg))
     return logs
 
 
 def mask_step(nets, x, y, delta, z, mask, cfg):
-    """Step 4: g_phi update on Eq. 14 with the updated f fixed: f's parameters get no gradient, f runs in the
-    attack's mode (cfg['attack_bn']; "train", as the authors' code: batch statistics, running statistics updated
-    by both forwards below). g_phi is not run again: z's graph from step 2 gives the authors' second forward's
-    output exactly, since g_phi has not changed; only its batch-norm running statistics see one update per batch
-    instead of two (they are read only in eval mode, never by training).
+    """Step 4: g_phi update on Eq. 14 with the updated f fixed (no gradient for its parameters), f in the attack's
+    mode (cfg['attack_bn']). g_phi is not run again: z's graph from step 2 is the authors' second forward's output
+    exactly, since g_phi has not changed; only its batch-norm running statistics see one update per batch, not two.
     Not in the paper: unless --paper-exact, cat.logit_wall(z) joins Eq. 14. Without it the CE term drives z to
     about -15 in the first tens of steps, while f is weak, and the sigmoid's vanishing slope keeps the mask at 0
     (CAT becomes natural training) after Eq. 14 has turned."""
-    with attacks.set_mode(nets.f, cfg["attack_bn"] == "train"), frozen(nets.f):
+    with attacks.set_mode(nets.f, cfg["attack_bn"] == "train"), attacks.frozen(nets.f):
         with torch.no_grad():
             logits_adv = nets.f_fast(x + delta)
         loss_g, kl, ce = cat.mask_loss(logits_adv, nets.f_fast(cat.calibrate(x, delta, mask)), y, cfg["beta1"])
@@ -289,19 +123,6 @@ def mask_step(nets, x, y, delta, z, mask, cfg):
     return {"loss_g": loss_g.detach(), "kl_g": kl, "ce_g": ce, "mask": m.mean(),
             "mask_lo": (m < 0.01).float().mean(), "mask_hi": (m > 0.99).float().mean(),
             "z_q01": q[0], "z_q50": q[1], "z_q99": q[2]}
-
-
-@contextmanager
-def frozen(model):
-    """The parameters of `model` do not require grad inside."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 # ============================================================================ runtime: device, dtype, compile, DDP
@@ -327,9 +148,8 @@ class Runtime:
 
     def wrap(self, nets, cfg):
         """Move the plain nets to the device and memory format, then put DDP and/or torch.compile around them."""
-        for net in (nets.f, nets.g):
-            if net is not None:
-                net.to(self.device, memory_format=self.memory_format)
+        for net in filter(None, (nets.f, nets.g)):
+            net.to(self.device, memory_format=self.memory_format)
         nets.f_fast, nets.f_train, nets.g_train = nets.f, nets.f, nets.g
         if self.world > 1:
             if cfg["sync_bn"]:
@@ -339,7 +159,7 @@ class Runtime:
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             nets.f_fast, nets.f_train, nets.g_train = nets.f, ddp(nets.f), nets.g and ddp(nets.g)
         if cfg["compile"]:
-            # every compiled module shares one dynamo frame: CAT needs ~5 graphs (f in attack, train,
+            # one dynamo frame serves every compiled module: CAT needs ~5 graphs (f in attack, train,
             # no-grad and frozen modes, g), and a short last batch adds one per mode; 8 is too few
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
             nets.f_fast = torch.compile(nets.f)
@@ -361,7 +181,7 @@ class Runtime:
         return t.tolist()
 
 
-# ============================================================================ run state and checkpoints
+# ============================================================================ the loop: state, checkpoints, epochs
 
 @dataclass
 class State:
@@ -385,8 +205,8 @@ def checkpoint(nets, cfg, state):
 
 
 def open_run(cfg):
-    """(cfg, None) for a new run, refusing an --out that holds one unless --overwrite. With --resume: the saved
-    run's config with only the RESUMABLE flags taken from the command line, and its checkpoint."""
+    """(cfg, None) for a new run, refusing an --out that holds one unless --overwrite; with --resume, the
+    resumed run's config (see config.resumed) and its checkpoint."""
     last = os.path.join(cfg["out"], "last.pt")
     if not cfg["resume"]:
         if os.path.exists(last) and not cfg["overwrite"]:
@@ -399,13 +219,7 @@ def open_run(cfg):
         ckpt = common.load_checkpoint(last)
     except common.CheckpointError as e:
         common.die(f"--resume: {e}")
-    saved = ckpt["config"]
-    for key in cfg["explicit"]:
-        if key not in RESUMABLE and saved.get(key) != cfg[key]:
-            common.die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({saved.get(key)}); "
-                       "drop the flag, or start a new run with another --out")
-    before = {"attack_bn": "eval", "paper_exact": True}      # settings newer than the checkpoint: how it was trained
-    return {**cfg, **before, **saved, **{k: cfg[k] for k in RESUMABLE}, "explicit": cfg["explicit"]}, ckpt
+    return config.resumed(cfg, ckpt["config"]), ckpt
 
 
 def restore(nets, ckpt):
@@ -425,8 +239,6 @@ def restore(nets, ckpt):
     return State(ckpt["epoch"] + 1, ckpt["step"], dict(partial.get("sums", {})), partial.get("seconds", 0.0),
                  ckpt["best"])
 
-
-# ============================================================================ the main loop
 
 def fmt_time(seconds):
     s = int(seconds)
@@ -460,7 +272,7 @@ def has_collapsed(best_pgd20, pgd20):
 
 def setup(argv):
     """(cfg, rt, nets, train, val, state) of a new run, or of the run in --out with --resume."""
-    cfg, ckpt = open_run(parse_config(argv))
+    cfg, ckpt = open_run(config.parse_config(argv))
     rt = Runtime(cfg)
     try:
         train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=rt.log)
