@@ -1,8 +1,7 @@
-"""Plumbing shared by the entry scripts (train.py, evaluate.py, bench.py): one-line errors,
-the '8/255' number type, device choice, atomic writes, checkpoint loading, and the paper's
-test-time attack with the one function that scores a model under it.
-
-The method itself (cat.py, attacks.py, models.py, data.py) does not import this file.
+"""Plumbing shared by the entry scripts (train.py, evaluate.py, bench.py): one-line errors, the '8/255'
+number type, device choice, atomic writes, checkpoint loading, and the paper's test-time attack with
+the one function that scores a model under it. The method (cat.py, attacks.py, models.py, data.py)
+does not import this file.
 """
 import argparse
 import json
@@ -26,8 +25,6 @@ TEST_ATTACK = {
 TEST_ATTACK["cifar100"] = TEST_ATTACK["cifar10"]
 
 
-# ============================================================================ command line
-
 def fraction(text):
     """A float that may be written as a fraction: '0.3', '8/255'."""
     num, _, den = text.partition("/")
@@ -50,8 +47,6 @@ def die(message, code=2):
     sys.exit(code)
 
 
-# ============================================================================ device
-
 def pick_device(choice="auto", index=0):
     """'auto' | 'cpu' | 'cuda' -> torch.device, or one line and exit 2 when CUDA is asked for and absent."""
     if choice == "cuda" and not torch.cuda.is_available():
@@ -61,16 +56,12 @@ def pick_device(choice="auto", index=0):
 
 def bf16_available(device):
     """bf16 autocast pays off: any recent GPU, or a CPU with AVX512-BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-
-# ============================================================================ files
 
 def write_atomic(path, write):
-    """Call write(tmp_path), then rename over `path`: readers never see a half-written file,
-    and an error or a kill half-way leaves the old file as it was."""
+    """Call write(tmp_path), then rename over `path`: readers never see a half-written file, and an
+    error or a kill half-way leaves the old file as it was."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
@@ -93,20 +84,19 @@ class CheckpointError(Exception):
 
 
 def load_weights(path, device="cpu"):
-    """torch.load(weights_only=True): tensors and plain values only, so a file that smuggles in
-    a pickled object is refused and its payload never runs. Errors are one-line CheckpointErrors."""
+    """torch.load(weights_only=True): tensors and plain values only, so a file that smuggles in a
+    pickled object is refused and its payload never runs. Errors are one-line CheckpointErrors."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint; pass the best.pt or last.pt that train.py wrote")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({first[:120]}); "
                               "load only checkpoints written by train.py") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
                               f"({type(e).__name__}); use another copy or retrain") from None
-    return ckpt
 
 
 def load_checkpoint(path, device="cpu"):
@@ -119,31 +109,27 @@ def load_checkpoint(path, device="cpu"):
 
 def from_checkpoint(ckpt, device="cpu"):
     """(classifier, mask network or None) rebuilt from a checkpoint dict, in eval mode."""
-    cfg = ckpt["config"]
+    cfg, g = ckpt["config"], None
     try:
-        f, g = models.build(cfg["arch"], cfg["dataset"]), None
+        f = models.build(cfg["arch"], cfg["dataset"])
         f.load_state_dict(ckpt["model"])
         if ckpt.get("mask") is not None:
             g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"])
             g.load_state_dict(ckpt["mask"])
     except (KeyError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint does not match its own config ({first[:160]})") from None
+        raise CheckpointError(f"checkpoint does not match its own config ({str(e).strip().splitlines()[0][:160]})") \
+            from None
     return f.to(device).eval(), (g.to(device).eval() if g is not None else None)
 
 
-# ============================================================================ scoring
-
 def score(f, split, dataset, steps=20, batch_size=500):
-    """[natural correct, PGD-`steps` correct, n] of classifier f on `split` under the paper's
-    test attack for `dataset` (no random start), f in eval mode, no autocast."""
-    s = TEST_ATTACK[dataset]
-    correct_nat = correct_adv = 0
+    """[natural correct, PGD-`steps` correct, n] of classifier f on `split` under the paper's test
+    attack for `dataset` (no random start), f in eval mode, no autocast."""
+    s, correct_nat, correct_adv = TEST_ATTACK[dataset], 0, 0
     with attacks.eval_mode(f), torch.autocast(split.images.device.type, enabled=False):
         for x, y in data.batches(split, batch_size):
-            with torch.no_grad():
-                correct_nat += (f(x).argmax(1) == y).sum().item()
             x_adv = attacks.pgd(f, x, y, s["eps"], s["alpha"], steps)
             with torch.no_grad():
+                correct_nat += (f(x).argmax(1) == y).sum().item()
                 correct_adv += (f(x_adv).argmax(1) == y).sum().item()
     return [correct_nat, correct_adv, len(split)]
