@@ -3,12 +3,11 @@
     python bench.py --dataset mnist --methods cat,trades,at --dtype fp32,bf16 --json bench.json
     python bench.py --dataset cifar10 --arch preact18 --methods cat,trades --dtype bf16 --compile --device cuda
 
-Timed: `train.train_step` in the runtime's autocast, nets from `train.build_nets` wrapped by
-`train.Runtime(cfg).wrap`, on one fixed synthetic batch (no data loading), each method with its
-training defaults except one batch size and one T for all (CAT's unless given). Each method at each
-dtype runs --warmup times, then --iters times round-robin, the order reversed every other round, so
-that load from other processes falls on all alike; the device is synchronised around every call.
-Passes are counted by hooks on f and g_phi during one more, untimed step per method.
+Timed: `train.train_step` in the runtime's autocast, with train.py's nets and runtime, on one fixed
+synthetic batch; each method has its training defaults except one batch size and T for all (CAT's unless
+given). Per method and dtype: --warmup calls, then --iters calls round-robin (order reversed every other
+round, so outside load falls on all alike), the device synchronised around each. Hooks on f and g_phi
+count the passes of one more, untimed step.
 """
 import argparse
 import collections
@@ -26,8 +25,6 @@ import train
 
 DTYPES = ("fp32", "bf16")
 
-
-# ============================================================================ command line
 
 def parse_args(argv=None):
     p = common.OneLineParser(description="Time train.train_step of each method on synthetic data; print ratios.")
@@ -48,11 +45,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.methods, args.dtype = (list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
                                 for text in (args.methods, args.dtype))
-    bad_methods = [m for m in args.methods if m not in train.LOSSES]
-    bad_dtypes = [d for d in args.dtype if d not in DTYPES]
+    bad_m, bad_d = [m for m in args.methods if m not in train.LOSSES], [d for d in args.dtype if d not in DTYPES]
     for ok, message in [
-            (args.methods and not bad_methods, f"--methods {','.join(bad_methods)}: choose from {', '.join(train.LOSSES)}"),
-            (args.dtype and not bad_dtypes, f"--dtype {','.join(bad_dtypes)}: choose from {', '.join(DTYPES)}"),
+            (args.methods and not bad_m, f"--methods {','.join(bad_m)}: choose from {', '.join(train.LOSSES)}"),
+            (args.dtype and not bad_d, f"--dtype {','.join(bad_d)}: choose from {', '.join(DTYPES)}"),
             (args.iters >= 1, f"--iters {args.iters} must be >= 1"),
             (args.warmup >= 0, f"--warmup {args.warmup} must be >= 0"),
             (args.threads is None or args.threads >= 1, f"--threads {args.threads} must be >= 1")]:
@@ -70,8 +66,6 @@ def configs(args):
     flags += ["--batch-size", str(batch), "--steps", str(steps)]            # parse_config refuses values < 1
     return {(m, d): config.parse_config(flags + ["--method", m, "--amp", d]) for d in args.dtype for m in args.methods}
 
-
-# ============================================================================ what is timed
 
 class Item:
     """One method at one dtype, ready to run: fn() is one training step; seconds, one per timed call."""
@@ -104,15 +98,13 @@ def count_passes(cfg):
             if output.requires_grad:                      # fires once per backward through the output
                 output.register_hook(lambda grad: counts.update([f"{name}_backward"]))
         return forward
-    nets = [("f", item.nets.f), ("g", item.nets.g)]
-    handles = [net.register_forward_hook(hook(name)) for name, net in nets if net is not None]
+    handles = [net.register_forward_hook(hook(name))
+               for name, net in (("f", item.nets.f), ("g", item.nets.g)) if net is not None]
     item.fn()
     for h in handles:
         h.remove()
     return {f"{net}_{kind}": counts[f"{net}_{kind}"] for net in "fg" for kind in ("forward", "nograd", "backward")}
 
-
-# ============================================================================ timing
 
 def timed_call(item):
     """Seconds of one call, the device synchronised before and after; on CUDA also the memory the
@@ -121,8 +113,7 @@ def timed_call(item):
     if cuda:
         torch.cuda.synchronize(item.device)
         torch.cuda.reset_peak_memory_stats(item.device)
-        before = torch.cuda.memory_allocated(item.device)
-    t0 = time.perf_counter()
+    before, t0 = torch.cuda.memory_allocated(item.device) if cuda else 0, time.perf_counter()
     item.fn()
     if cuda:
         torch.cuda.synchronize(item.device)
@@ -141,8 +132,6 @@ def run_all(items, warmup, iters):
         for item in (items if r % 2 == 0 else items[::-1]):
             item.seconds.append(timed_call(item))
 
-
-# ============================================================================ results
 
 def row(item, setting, passes):
     """One JSON row: times in ms (median, range, every call in round order), throughput, memory, passes."""
@@ -199,15 +188,12 @@ def describe(args, cfg, device):
             if device.type == "cuda" else "peak RSS of the whole process (ru_maxrss), the same for every row"}
 
 
-# ============================================================================ main
-
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:
-        # all compiled modules share one dynamo frame and its recompile limit, here for every method, dtype
-        # and mode: past the limit dynamo silently runs eager, which would time the wrong thing
+        # one dynamo frame, and its recompile limit, serves every method, dtype and mode: past it, eager runs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch.manual_seed(0)
     cfgs = configs(args)
