@@ -12,8 +12,8 @@ Per batch (Sec. 4.4 of the paper; the order is the authors' code's):
   4. update g  on Eq. 14 with the *updated* f fixed, reusing M's graph from step 2
 g_phi runs forward once per batch, and step 4 computes no gradient for f's parameters.
 The baselines skip steps 2 and 4 (x_cali = x + delta) and use their own loss in step 3.
-The flags and the paper's settings they default to are in config.py; this file holds the step, the runtime
-(device, dtype, compile, DDP) and the loop, in that order.
+The flags and the paper's settings they default to are in config.py; this file holds the step,
+the runtime (device, dtype, compile, DDP) and the loop, in that order.
 """
 import json
 import math
@@ -57,7 +57,7 @@ class Nets:
 
 
 def build_nets(cfg):
-    def optimizer(params):                  # check_config refuses a typed --momentum or --weight-decay with adam
+    def optimizer(params):                  # config.check_config refuses a typed --momentum or --weight-decay with adam
         if cfg["optimizer"] == "adam":
             return torch.optim.Adam(params, lr=cfg["lr"])
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
