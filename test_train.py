@@ -33,6 +33,10 @@ BAD_FLAGS = [
     (["--eps", "-0.1"], "--eps"), (["--alpha", "0"], "--alpha"), (["--steps", "0"], "--steps"),
     (["--beta", "-1"], "--beta"), (["--beta1", "-0.1"], "--beta1"), (["--epochs", "0"], "--epochs"),
     (["--eps", "abc"], "--eps"), (["--method", "at", "--no-mask"], "--no-mask"),
+    (["--lr", "0"], "--lr 0.0 must be > 0"), (["--start", "0"], "--start 0.0 must be > 0"),
+    (["--attack", "cw", "--kappa", "-1"], "--kappa -1.0 must be >= 0"), (["--batch-size", "0"], "--batch-size 0"),
+    (["--subset", "0"], "--subset 0 must be >= 1"), (["--val-size", "0"], "--val-size 0 must be >= 1"),
+    (["--resume", "--overwrite"], "exclude each other"),
     # typed flags that would do nothing in this combination
     (["--method", "at", "--beta1", "0.3"], "--beta1"), (["--no-mask", "--beta1", "0.3"], "--beta1"),
     (["--momentum", "0.9"], "--momentum"), (["--weight-decay", "5e-4"], "--weight-decay"),
@@ -42,7 +46,10 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("flags,needle", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
-def test_bad_flags_get_one_line_and_exit_2(flags, needle, tmp_path, capsys):
+def test_bad_flags_get_one_line_and_exit_2(flags, needle, tmp_path, capsys, monkeypatch):
+    def no_training(*args, **kwargs):                # a flag wrongly accepted fails here, not after a long run
+        raise AssertionError(f"{flags} were accepted")
+    monkeypatch.setattr(data, "load", no_training)
     out = str(tmp_path / "never")
     code, err = in_process(["--dataset", "mnist", "--out", out] + flags, capsys)
     assert code == 2 and len(err) == 1 and needle in err[0], err
