@@ -42,8 +42,8 @@ def eval_mode(model):
 
 @contextlib.contextmanager
 def frozen(model):
-    """The parameters of `model` do not require grad inside (the attacks need input gradients only);
-    restored afterwards."""
+    """The parameters of `model` do not require grad inside, restored afterwards: wrap an attack (which
+    needs input gradients only) or a frozen forward in it, so that no weight gradient is computed."""
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)

@@ -113,7 +113,8 @@ def timed_call(item):
     if cuda:
         torch.cuda.synchronize(item.device)
         torch.cuda.reset_peak_memory_stats(item.device)
-    before, t0 = torch.cuda.memory_allocated(item.device) if cuda else 0, time.perf_counter()
+    before = torch.cuda.memory_allocated(item.device) if cuda else 0
+    t0 = time.perf_counter()
     item.fn()
     if cuda:
         torch.cuda.synchronize(item.device)

@@ -56,7 +56,9 @@ def pick_device(choice="auto", index=0):
 
 def bf16_available(device):
     """bf16 autocast pays off: any recent GPU, or a CPU with AVX512-BF16 / AMX."""
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def write_atomic(path, write):
@@ -117,8 +119,8 @@ def from_checkpoint(ckpt, device="cpu"):
             g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"])
             g.load_state_dict(ckpt["mask"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint does not match its own config ({str(e).strip().splitlines()[0][:160]})") \
-            from None
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint does not match its own config ({first[:160]})") from None
     return f.to(device).eval(), (g.to(device).eval() if g is not None else None)
 
 
