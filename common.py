@@ -1,5 +1,5 @@
 """Plumbing shared by the entry scripts (train.py, evaluate.py, bench.py): one-line errors, the '8/255'
-number type, device choice, atomic writes, checkpoint loading, and the paper's test-time attack with
+number type, device choice, atomic writes, and the paper's test-time attack with
 the one function that scores a model under it. The method (cat.py, attacks.py, models.py, data.py)
 does not import this file.
 """
@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import pathlib
-import pickle
 import sys
 
 import torch
@@ -79,49 +78,6 @@ def save_atomic(obj, path):
 
 def write_json(obj, path):
     write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, truncated, foreign or unsafe, with what to do about it."""
-
-
-def load_weights(path, device="cpu"):
-    """torch.load(weights_only=True): tensors and plain values only, so a file that smuggles in a
-    pickled object is refused and its payload never runs. Errors are one-line CheckpointErrors."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint; pass the best.pt or last.pt that train.py wrote")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({first[:120]}); "
-                              "load only checkpoints written by train.py") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
-                              f"({type(e).__name__}); use another copy or retrain") from None
-
-
-def load_checkpoint(path, device="cpu"):
-    """A train.py checkpoint, read with load_weights and checked to have its keys."""
-    ckpt = load_weights(path, device)
-    if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= set(ckpt):
-        raise CheckpointError(f"{path}: not a train.py checkpoint (needs the keys model, config, epoch)")
-    return ckpt
-
-
-def from_checkpoint(ckpt, device="cpu"):
-    """(classifier, mask network or None) rebuilt from a checkpoint dict, in eval mode."""
-    cfg, g = ckpt["config"], None
-    try:
-        f = models.build(cfg["arch"], cfg["dataset"])
-        f.load_state_dict(ckpt["model"])
-        if ckpt.get("mask") is not None:
-            g = models.build(models.MASKS[cfg["dataset"]], cfg["dataset"])
-            g.load_state_dict(ckpt["mask"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint does not match its own config ({first[:160]})") from None
-    return f.to(device).eval(), (g.to(device).eval() if g is not None else None)
 
 
 def score(f, split, dataset, steps=20, batch_size=500):

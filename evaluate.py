@@ -37,7 +37,6 @@ is always {"models": [one row per model and eps]}; --csv writes the table, --plo
 import argparse
 import contextlib
 import csv
-import hashlib
 import importlib.util
 import json
 import logging
@@ -52,6 +51,7 @@ import torch
 
 import attacks
 import cat
+import checkpoints
 import common
 import data
 import models
@@ -592,119 +592,19 @@ def plot_curve(rows, names, path):
 
 # ============================================================================ models
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def one_line(e):
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
-
-
-def from_train_checkpoint(path, ckpt, args, device):
-    """A train.py checkpoint: classifier, mask network (CAT) and config."""
-    cfg = ckpt["config"]
-    for flag in ("dataset", "arch"):
-        wanted = getattr(args, flag)
-        if wanted is not None and cfg.get(flag) != wanted:
-            die(f"{path} was trained with {flag} {cfg.get(flag)}, not --{flag} {wanted}; "
-                f"drop --{flag} or pass a {wanted} checkpoint")
-    if cfg.get("dataset") not in common.TEST_ATTACK:
-        raise common.CheckpointError(f"{path}: unknown dataset {cfg.get('dataset')!r} in its config")
-    f, g = common.from_checkpoint(ckpt, device)
-    return {"kind": "checkpoint", "f": f, "g": g, "config": cfg, "dataset": cfg["dataset"], "arch": cfg.get("arch"),
-            "method": cfg.get("method"), "epoch": ckpt["epoch"]}
-
-
-def from_state_dict(path, weights, args):
-    """A plain state_dict of models.build(--arch, --dataset); 'module.' (DDP) and '_orig_mod.'
-    (torch.compile) key prefixes are dropped."""
-    if not (isinstance(weights, dict) and weights and all(torch.is_tensor(v) for v in weights.values())):
-        raise common.CheckpointError(f"{path}: neither a train.py checkpoint (keys model, config, epoch) nor a "
-                                     "state_dict of tensors")
-    if args.dataset is None or args.arch is None:
-        raise common.CheckpointError(f"{path}: not a train.py checkpoint (needs the keys model, config, epoch); "
-                                     "for a plain state_dict pass --dataset and --arch")
-    weights = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in weights.items()}
-    f = models.build(args.arch, args.dataset)
-    expected = f.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    shapes = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        first = (missing or unexpected or shapes)[0]
-        raise common.CheckpointError(f"{path} does not fit --arch {args.arch} for {args.dataset}: {len(missing)} "
-                                     f"missing, {len(unexpected)} unexpected and {len(shapes)} mis-shaped keys "
-                                     f"(first: {first}); pass the arch it was saved from")
-    f.load_state_dict(weights)
-    return {"kind": "state_dict", "f": f, "g": None, "config": None, "dataset": args.dataset, "arch": args.arch,
-            "method": None, "epoch": None}
-
-
-def from_factory(source, args):
-    """`file.py:function`: the function's nn.Module (images in [0, 1] in, logits out). The file's
-    folder is on sys.path while it runs, so it can import its neighbours."""
-    path, function = source.rsplit(":", 1)
-    if args.dataset is None:
-        raise common.CheckpointError(f"{source}: a model factory needs --dataset, for the test set and the attack "
-                                     "settings")
-    if args.arch is not None:
-        raise common.CheckpointError(f"--arch names a models.py architecture, but {source} builds its own model: "
-                                     "drop --arch")
-    if not os.path.isfile(path):
-        raise common.CheckpointError(f"{path}: no such file (the model factory is given as path/to/file.py:function)")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    try:
-        spec = importlib.util.spec_from_file_location(f"factory_{sha256(path)[:12]}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        f = getattr(module, function)()
-    except Exception as e:
-        raise common.CheckpointError(f"{source} raised {one_line(e)}") from None
-    finally:
-        sys.path.pop(0)
-    if not isinstance(f, torch.nn.Module):
-        raise common.CheckpointError(f"{source} returned a {type(f).__name__}, not a torch.nn.Module")
-    return {"kind": "factory", "f": f, "g": None, "config": None, "dataset": args.dataset, "arch": None,
-            "method": None, "epoch": None}
-
-
 def load_model(source, args, device):
-    """One positional argument -> {kind, f, g, dataset, arch, ...}, f in fp32 on `device`."""
-    if re.fullmatch(r".+\.py:\w+", source):
-        m, path = from_factory(source, args), source.rsplit(":", 1)[0]
-        label = os.path.basename(source)
-    else:
-        weights, path = common.load_weights(source, device), source
-        if isinstance(weights, dict) and {"model", "config", "epoch"} <= set(weights):
-            m = from_train_checkpoint(source, weights, args, device)
-        else:
-            m = from_state_dict(source, weights, args)
-        label = os.path.basename(os.path.dirname(os.path.abspath(source))) + "/" + os.path.basename(source)
+    """One positional argument -> checkpoints.load_model's dict, with the file's sha256."""
+    m = checkpoints.load_model(source, args.dataset, args.arch, device)
     if args.save_masks and m["g"] is None:
         die(f"{source} has no mask network (not a CAT checkpoint, or trained with --no-mask); "
             "--save-masks needs one: drop it or pass a CAT checkpoint")
-    return {**m, "f": m["f"].to(device).float().eval(), "source": source, "label": label[-28:], "sha256": sha256(path)}
+    return {**m, "sha256": checkpoints.sha256(source.rsplit(":", 1)[0] if m["kind"] == "factory" else source)}
 
 
 def check_output(m, split):
-    """Refuse a model whose forward pass fails or does not give (N, classes) logits."""
     x, _ = next(data.batches(split.take(torch.arange(min(2, len(split)))), 2))
-    try:
-        with torch.no_grad(), attacks.eval_mode(m["f"]):
-            out = m["f"](x)
-    except Exception as e:
-        raise common.CheckpointError(f"{m['source']}: its forward pass on {m['dataset']} test images raised "
-                                     f"{one_line(e)}") from None
-    want = (len(x), models.CLASSES[m["dataset"]])
-    got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-    if got != want:
-        raise common.CheckpointError(f"{m['source']}: returns {got} for {len(x)} {m['dataset']} images; expected "
-                                     f"logits of shape {want}")
+    with attacks.eval_mode(m["f"]):
+        checkpoints.check_output(m, x)
 
 
 # ============================================================================ command line
@@ -829,7 +729,7 @@ def load_everything(args, device):
             splits[dataset] = test.take(torch.arange(min(args.subset or len(test), len(test)))).to(device)
         for m in loaded:
             check_output(m, splits[m["dataset"]])
-    except (common.CheckpointError, data.DataError) as e:
+    except (checkpoints.CheckpointError, data.DataError) as e:
         die(str(e))
     return loaded, splits
 

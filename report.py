@@ -15,6 +15,7 @@ import json
 import math
 import os
 
+import checkpoints
 import common
 import evaluate
 from common import OneLineParser, die
@@ -39,7 +40,7 @@ def read_config(folder):
             return json.load(fh)
     for name in ("best.pt", "last.pt"):
         if os.path.isfile(os.path.join(folder, name)):
-            return common.load_checkpoint(os.path.join(folder, name))["config"]
+            return checkpoints.load_checkpoint(os.path.join(folder, name))["config"]
     return None
 
 
@@ -267,7 +268,7 @@ def main(argv=None):
             die("--curves draws with matplotlib: pip install matplotlib")
     try:
         groups = group_runs([read_run(arg, args.eval) for arg in args.runs])
-    except (OSError, ValueError, KeyError, common.CheckpointError) as e:
+    except (OSError, ValueError, KeyError, checkpoints.CheckpointError) as e:
         die(f"cannot read a run: {e}")
     print(seeds_table(groups))
     if args.epochs:

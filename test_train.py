@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 import attacks
 import cat
+import checkpoints
 import common
 import config
 import data
@@ -249,8 +250,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
 def test_every_method_trains_one_cli_epoch(flags, tmp_path):
     out = str(tmp_path / "run")
     train.main(TINY + flags + ["--epochs", "1", "--out", out])
-    ckpt = common.load_checkpoint(os.path.join(out, "last.pt"))
-    f, g = common.from_checkpoint(ckpt)
+    ckpt = checkpoints.load_checkpoint(os.path.join(out, "last.pt"))
+    f, g = checkpoints.from_checkpoint(ckpt)
     assert (g is not None) == (ckpt["config"]["method"] == "cat" and ckpt["config"]["mask"])
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
 
@@ -294,8 +295,8 @@ def test_ddp_two_cpu_processes(tmp_path):
                    "--batch-size", "50", "--epochs", "1", "--device", "cpu", "--out", out)
     assert proc.stdout.count("epoch 1: val natural") == 1          # only rank 0 logs
     assert "processes 2" in proc.stdout
-    ckpt = common.load_checkpoint(os.path.join(out, "last.pt"))     # loads in one process
-    f, g = common.from_checkpoint(ckpt)
+    ckpt = checkpoints.load_checkpoint(os.path.join(out, "last.pt"))     # loads in one process
+    f, g = checkpoints.from_checkpoint(ckpt)
     assert g is not None and not any(k.startswith("module.") for k in ckpt["model"])
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
 
@@ -320,7 +321,7 @@ def test_ddp_stop_on_collapse_stops_every_process(tmp_path):
                    timeout=300)                                  # a process left behind would hang until then
     assert "--stop-on-collapse: stopped at epoch 2" in proc.stdout and "epoch 3" not in proc.stdout
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 2
-    assert common.load_checkpoint(os.path.join(out, "best.pt"))["epoch"] == 1
+    assert checkpoints.load_checkpoint(os.path.join(out, "best.pt"))["epoch"] == 1
 
 
 # ============================================================================ the offline MNIST copy

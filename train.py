@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 import attacks
 import cat
+import checkpoints
 import common
 import config
 import data
@@ -216,8 +217,8 @@ def open_run(cfg):
     if not os.path.isfile(last):
         common.die(f"--resume: {last} does not exist; start the run without --resume")
     try:
-        ckpt = common.load_checkpoint(last)
-    except common.CheckpointError as e:
+        ckpt = checkpoints.load_checkpoint(last)
+    except checkpoints.CheckpointError as e:
         common.die(f"--resume: {e}")
     return config.resumed(cfg, ckpt["config"]), ckpt
 
