@@ -51,9 +51,8 @@ def weights_of(name):
 
 
 def method_of(name):
-    """The entry's training method, read from its checkpoint; skips the test where this checkout lacks the file."""
-    if not os.path.isfile(weights_of(name)):
-        pytest.skip(f"{name}: {weights_of(name)} is not in this checkout")
+    """The entry's training method, read from its checkpoint: every entry's weights ship with the repository."""
+    assert os.path.isfile(weights_of(name)), f"{name}: {weights_of(name)} is not committed"
     return checkpoints.load_checkpoint(weights_of(name))["config"]["method"]
 
 
@@ -150,7 +149,7 @@ def test_hub_missing_weights_say_where_they_come_from():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(hub_module().MODELS))
 def test_hub_models_classify_real_mnist(name, mnist_small):
-    method_of(name)                              # skips an entry whose weights this checkout lacks
+    method_of(name)
     test = mnist_small[1]                        # the first 500 test images
     f = hub_load(name)
     assert not f.training
