@@ -91,6 +91,18 @@ def sha256(path):
     return digest.hexdigest()
 
 
+def weights_hash(module):
+    """16 hex digits of a sha256 over the module's structure (its repr) and its state_dict: every
+    tensor's name, shape, dtype and bytes, in name order. The same loaded weights give the same hash
+    whether they came from a checkpoint, a state_dict or a factory; any other weights, another."""
+    digest = hashlib.sha256(repr(module).encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"\n{name} {tuple(t.shape)} {t.dtype}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _model(kind, f, dataset, g=None, config=None, arch=None, method=None, epoch=None):
     return {"kind": kind, "f": f, "g": g, "config": config, "dataset": dataset, "arch": arch, "method": method,
             "epoch": epoch}

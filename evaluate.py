@@ -21,28 +21,30 @@ with AutoAttack's standard settings: APGD-CE (100 iterations, no restarts), APGD
 iterations towards each of the 9 top wrong classes), Square (black-box, 5000 queries) and
 AutoAttack (APGD-CE, APGD-T, FAB-T, Square). Every attack result is checked to lie in the
 eps-ball and the [0, 1] box before it is scored. The model is in eval mode and runs in full
-fp32 (no autocast, no TF32). Accuracies are in %.
+fp32 (no autocast, no TF32). Accuracies are in %. Under the table, flags (verdicts.py) point at
+numbers that look like gradient masking or a broken evaluation, judged on the attacks asked for.
 
-Columns: one per attack, "Avg" = mean of those columns (as in the paper's Tables 2-3), and
-"Worst" = examples that survive every attack that ran (natural included). Under the table,
-flags point at numbers that look like gradient masking or a broken evaluation.
-
+The store (--json): one '1' (correct) or '0' per test image and attack, kept under
+  results[weights][f"{attack} {the settings it reads} on {test set}"] = {"bits", "seconds", "notes"}
+where `weights` hashes the classifier's loaded state_dict (checkpoint, state_dict or factory alike),
+the key holds only the settings that attack reads (READS: natural none, pgd20 eps and alpha, ...)
+and the test set is named by a hash of its images; bits[i] is test image i, so a result on the
+first 1,000 images serves a run on 500. A run reuses what matches, computes the rest batch by batch
+(written after every batch, with random starts fixed by the seed and the batch's first image, so an
+interrupted run resumes exactly) and never removes what it did not compute: other models, eps and
+attacks stay. results[weights]["model"] says what the weights were loaded from. Beside the store,
+"models" holds this run's table, one row per model and eps, for report.py. A file in an older shape
+is converted when read (convert); a file that is no evaluation is refused, never overwritten.
 While an attack runs, a line every 30 s (--progress) gives the images done, the robust accuracy
-so far and the ETA; AutoAttack's own progress lines are shown as they come. --json is rewritten
-after every batch of every attack, with one '1' (correct) or '0' per test image and attack. The
-same command run again skips what is finished and continues the attack it stopped in, with the
-same random starts, so the worst case stays exact; Ctrl-C keeps every finished batch. The JSON
-is always {"models": [one row per model and eps]}; --csv writes the table, --plot the curve.
+so far and the ETA; AutoAttack's own progress lines are shown as they come.
 """
 import argparse
 import contextlib
-import csv
+import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
-import re
 import sys
 import threading
 import time
@@ -55,52 +57,31 @@ import checkpoints
 import common
 import data
 import models
+import report
 from common import OneLineParser, die, fraction
+from verdicts import EXTERNAL, NAMES, SANITY, accuracies, all_flags, known, pct, pgd_steps, restartable, title
 
 # ============================================================================ settings
 
-NAMES = {"natural": "NATURAL", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100", "cw": "CW-inf",
-         "mtpgd": "MT-PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "square": "Square", "autoattack": "AA",
-         "pgd10rs": "PGD-10rs"}                           # and pgdN for any N: PGD with N steps
-EXTERNAL = {"apgd-ce", "apgd-t", "square", "autoattack"}  # from pyautoattack, imported only when asked for
-SANITY = {"eps0": "PGD-20 at eps 0", "large_eps": "PGD-100 at eps 0.5"}   # --sanity: not attacks of the threat model
 # Shared by all datasets. MT-PGD: PGD-20's steps per target, the 9 top wrong classes (all of
 # them for 10 classes, as APGD-T). Large-eps check: at eps >= 0.5 the mid-grey image (0.5
 # everywhere) lies in every ball, so every test image can be turned into the same input: no
 # classifier can stay above the largest class share (~10%), and a PGD-100 that works (steps of
 # eps/10, ten times across the ball) drives a model to ~0%. Survivors mean the gradients lie.
 COMMON = dict(mt_steps=20, mt_targets=9, large_eps=0.5, large_alpha=0.05, large_steps=100)
-LARGE_EPS_MAX = 1.0     # %: more survivors than this at eps 0.5 is flagged
-NOISE_Z = 3.0           # flag an order violation beyond 3 standard deviations (see order_violation)
 TOL = 1e-6              # fp32 rounding of |x_adv - x| near eps; anything beyond is an attack bug
-
-
-def pgd_steps(name):
-    """N for an attack named pgdN (PGD with N steps, no random start), else None."""
-    match = re.fullmatch(r"pgd([1-9][0-9]*)", name)
-    return int(match.group(1)) if match else None
-
-
-def known(name):
-    return name in NAMES or pgd_steps(name) is not None
-
-
-def title(name):
-    return NAMES.get(name) or SANITY.get(name) or f"PGD-{pgd_steps(name)}"
-
-
-def white_box(name):
-    """Gradient attacks of the threat model (AutoAttack, which contains Square, is not one)."""
-    return name in ("fgsm", "pgd10rs", "cw", "mtpgd", "apgd-ce", "apgd-t") or pgd_steps(name) is not None
-
-
-def restartable(name):
-    return name in ("cw", "mtpgd", "pgd10rs") or pgd_steps(name) is not None
+# The settings each attack reads: its results are stored and reused under these alone (pgd: every pgdN).
+# The restartable ones also read restarts, and the seed when there is a random start (RANDOM, or restarts > 1).
+READS = {"natural": (), "fgsm": ("eps",), "pgd": ("eps", "alpha"), "pgd10rs": ("eps",),
+         "cw": ("cw_eps", "cw_alpha", "cw_steps", "kappa"), "mtpgd": ("eps", "alpha", "mt_steps", "mt_targets"),
+         "apgd-ce": ("eps",), "apgd-t": ("eps",), "square": ("eps", "queries"), "autoattack": ("eps",),
+         "eps0": (), "large_eps": ("large_eps", "large_alpha", "large_steps")}
+RANDOM = {"pgd10rs", "cw", "apgd-ce", "apgd-t", "square", "autoattack"}
 
 
 def settings_for(dataset, eps=None, alpha=None, cw_steps=None, mt_steps=None, restarts=1, queries=5000, seed=0,
                  batch_size=500):
-    """Every number that defines one row of the evaluation of `dataset`; saved in the JSON.
+    """Every number that defines one row of the evaluation of `dataset`.
     eps None or the paper's: the paper's settings. Another eps: the PGD and CW-inf steps keep the
     paper's step/eps ratio (so 20 steps still cross the ball) and CW-inf uses that eps."""
     paper = common.TEST_ATTACK[dataset]
@@ -113,6 +94,21 @@ def settings_for(dataset, eps=None, alpha=None, cw_steps=None, mt_steps=None, re
         s.update(alpha=alpha, cw_alpha=alpha)
     s.update(cw_steps=cw_steps or s["cw_steps"], mt_steps=mt_steps or s["mt_steps"])
     return {**s, "restarts": restarts, "queries": queries, "seed": seed, "batch_size": batch_size}
+
+
+def reads(name, s):
+    """{setting: value} of the settings in `s` that attack `name` reads."""
+    keys = list(READS["pgd" if pgd_steps(name) else name])
+    if restartable(name):
+        keys.append("restarts")
+    if name in RANDOM or (restartable(name) and s["restarts"] > 1):
+        keys.append("seed")
+    return {k: s[k] for k in keys}
+
+
+def entry_key(name, s, images):
+    """The store's key of attack `name` under settings `s` on the test set `images`."""
+    return " ".join([name, *(f"{k}={json.dumps(v)}" for k, v in reads(name, s).items()), "on", images])
 
 
 # ============================================================================ attacks: one loop runs them all
@@ -203,12 +199,10 @@ def from_bits(bits):
 
 def attack_split(name, f, split, s, bits="", on_batch=None, progress=None):
     """'1' (still correct) or '0' per test image after attack `name`, batch by batch, continuing
-    after the `bits` already known (a resumed run). Each batch's random starts come from the seed
-    and its first image alone, so a resumed run gives the bits of an uninterrupted one.
-    on_batch(bits, seconds) runs after each batch."""
-    size = s["batch_size"]
-    assert len(bits) % size == 0, "a resumed attack continues at a batch boundary"
-    for x, y in data.batches(split, size, start=len(bits) // size):
+    after the `bits` already known for the first images (a resumed run). Each batch's random starts
+    come from the seed and the index of its first image alone, so a resumed run gives the bits of an
+    uninterrupted one. on_batch(bits, seconds) runs after each batch."""
+    for x, y in data.batches(split.take(slice(len(bits), None)), s["batch_size"]):
         t0 = time.time()
         torch.manual_seed(s["seed"] * 1_000_003 + len(bits))
         bits += to_bits(attack_correct(name, f, x, y, s).cpu())     # .cpu() syncs the device
@@ -267,9 +261,10 @@ class Progress:
     def line(self):
         (done, n_correct), elapsed = self.state, time.time() - self.t0
         new = done - self.start           # images done in this run (a resumed one starts later)
-        so_far = f"{100 * n_correct / done:.2f}% robust so far" if done else "first batch running"
+        so_far = ("first batch running, " if not done else "" if n_correct is None      # None: mask statistics
+                  else f"{100 * n_correct / done:.2f}% robust so far, ")
         eta = f"ETA {elapsed / new * (self.total - done):.0f} s" if new else "ETA after the first batch"
-        return f"  {self.what}: {done}/{self.total} images, {so_far}, {elapsed:.0f} s, {eta}"
+        return f"  {self.what}: {done}/{self.total} images, {so_far}{elapsed:.0f} s, {eta}"
 
 
 @contextlib.contextmanager
@@ -295,324 +290,158 @@ def autoattack_log(log, notes):
         logger.setLevel(level)
 
 
-# ============================================================================ numbers and flags
-
-def pct(correct):
-    return round(100 * correct.float().mean().item(), 2) if len(correct) else float("nan")
-
-
-def accuracies(correct, names):
-    """{attack: %} for the requested columns, "avg" and, for two or more attacks, "worst"."""
-    acc = {n: pct(correct[n]) for n in names}
-    # "Avg" as in the paper's Tables 2-3: the mean of natural and each attack's accuracy. It
-    # leaves out "worst" (not an attack, and already counted in its parts) and the sanity runs.
-    acc["avg"] = round(sum(acc.values()) / len(acc), 2)
-    if len(names) >= 2:
-        acc["worst"] = pct(worst_correct(correct, names))
-    return acc
-
-
-def worst_correct(correct, names):
-    """Bool (N,): correct under every attack in `names` and natural (x itself lies in every
-    eps-ball, so a misclassified natural example is never robust)."""
-    return torch.stack([correct[n] for n in {"natural", *names}]).all(0)
-
-
-def order_violation(strong, weak):
-    """(b, c) when the bool (N,) `strong` (correct after the attack that should win) scores
-    higher than `weak` by more than noise, else None. Noise, paired on the same n images
-    (McNemar): b examples survive `strong` but not `weak`, c the other way. Were the two
-    attacks equally strong, each of the b + c disagreements would fall either way with
-    probability 1/2, so b - c has standard deviation sqrt(b + c). We flag b - c > 3 sqrt(b + c):
-    with ~20 pairs checked per model, 3 sigma (one-sided 0.13% each) keeps false alarms rare;
-    it takes at least 10 examples."""
-    b = (strong & ~weak).sum().item()
-    c = (~strong & weak).sum().item()
-    return (b, c) if b - c > NOISE_Z * math.sqrt(b + c) else None
-
-
-def stronger_pairs(names, s):
-    """(stronger, weaker) attacks among `names`: the first must not score higher than the
-    second beyond noise. Square is judged against the white-box attacks apart (square_flags)."""
-    pgds = sorted((pgd_steps(a), a) for a in names if pgd_steps(a))
-    pairs = [(a, "natural") for a in names if a != "natural"]
-    pairs += [(a, "fgsm") for a in names if (white_box(a) or a == "autoattack") and a != "fgsm"]
-    pairs += [(b, a) for n, a in pgds for m, b in pgds if m > n]
-    pairs += [("mtpgd", a) for n, a in pgds if n <= s["mt_steps"]]           # MT-PGD: that many steps per target
-    pairs += [(p, a) for p in ("apgd-ce", "apgd-t") for n, a in pgds if n <= 100]   # APGD: 100 iterations
-    pairs += [("autoattack", a) for a in names if white_box(a) and a != "fgsm"]
-    return [(a, b) for a, b in pairs if a in names and b in names]
-
-
-def evidence(hits):
-    """The counts behind one or more order violations, for the flag line."""
-    counts = ", ".join(f"{b}/{c}" for b, c in hits)
-    noise = ", ".join(f"{NOISE_Z * math.sqrt(b + c):.1f}" for b, c in hits)
-    return f"examples surviving it but not the other / the other way: {counts}; noise 3 sqrt(b+c): {noise}"
-
-
-WHY_NATURAL = "an attack cannot raise accuracy; the predictions are not deterministic or the evaluation is broken"
-WHY_DEFAULT = ("the stronger attack should not score higher: too few steps, a wrong step size, or gradients "
-               "that mislead it (gradient masking)")
-WHY_MASKING = ("black-box Square beats the strongest white-box attacks, APGD included, so their gradients are "
-               "uninformative (gradient masking); trust Square, AutoAttack and Worst, not the gradient attacks")
-WHY_MASKING_OR_WEAK = ("black-box Square beats every white-box attack that ran: gradient masking, or fixed-step "
-                       "attacks too weak for this model; add apgd-ce,apgd-t to tell which")
-WHY_WEAK = ("fixed-step PGD is weak on this model (an optimizer problem, not gradient masking): quote APGD, "
-            "Square and Worst, not these")
-
-
-def order_flags(correct, s=COMMON):
-    """One line per attack that some stronger attack (see stronger_pairs) scores above, beyond noise."""
-    pairs, lines = stronger_pairs([a for a in correct if known(a)], s), []
-    for weak in dict.fromkeys(w for _, w in pairs):
-        hits = [(a, order_violation(correct[a], correct[weak])) for a, w in pairs if w == weak]
-        hits = [(a, bc) for a, bc in hits if bc]
-        if hits:
-            above = ", ".join(f"{title(a)} {pct(correct[a]):.2f}%" for a, _ in hits)
-            lines.append(f"{above} above {title(weak)} {pct(correct[weak]):.2f}% ({evidence([bc for _, bc in hits])}): "
-                         + (WHY_NATURAL if weak == "natural" else WHY_DEFAULT))
-    return lines
-
-
-def square_flags(correct):
-    """Black-box Square against the white-box attacks. Gradient masking only when Square beats
-    all of them together (an example counts as broken if any one broke it; APGD included when it
-    ran) beyond noise. When it beats some of them but not all together, those are weak optimizers."""
-    white = [a for a in correct if white_box(a)]
-    if "square" not in correct or not white:
-        return []
-    together = torch.stack([correct[a] for a in white]).all(0)
-    square = f"Square {pct(correct['square']):.2f}%"
-    listed = f"white-box attacks together ({', '.join(title(a) for a in white)}) {pct(together):.2f}%"
-    bc = order_violation(together, correct["square"])
-    if bc:
-        apgd = any(a.startswith("apgd") for a in white)
-        return [f"{listed} above {square} ({evidence([bc])}): " + (WHY_MASKING if apgd else WHY_MASKING_OR_WEAK)]
-    hits = [(a, order_violation(correct[a], correct["square"])) for a in white if a != "fgsm"]
-    hits = [(a, bc) for a, bc in hits if bc]
-    if not hits:
-        return []
-    above = ", ".join(f"{title(a)} {pct(correct[a]):.2f}%" for a, _ in hits)
-    return [f"{above} above {square} ({evidence([bc for _, bc in hits])}), but the {listed} match Square within "
-            f"noise: {WHY_WEAK}"]
-
-
-def sanity_flags(correct, s):
-    """Lines for the --sanity runs: eps 0 must reproduce natural, eps 0.5 must reach ~0%."""
-    lines = []
-    if "eps0" in correct:
-        differ = (correct["eps0"] != correct["natural"]).sum().item()
-        if differ:
-            lines.append(f"PGD-20 at eps 0 gives {pct(correct['eps0']):.2f}% but natural "
-                         f"{pct(correct['natural']):.2f}% ({differ} examples differ): the predictions are not "
-                         "deterministic (dropout or batch norm in train mode? a randomised model?) or the evaluation "
-                         "pipeline is broken")
-    if "large_eps" in correct and pct(correct["large_eps"]) > LARGE_EPS_MAX:
-        lines.append(f"PGD-100 at eps {s['large_eps']} leaves {pct(correct['large_eps']):.2f}% (> {LARGE_EPS_MAX}%): "
-                     "at this budget every image can be made mid-grey, so a working attack reaches ~0%; "
-                     "the gradients are masked or vanish (saturated softmax: try apgd-t, square)")
-    return lines
-
-
-def all_flags(correct, s, notes=()):
-    """Every flag for one row: attack order, Square against white-box, sanity runs, AutoAttack's warnings."""
-    return (order_flags(correct, s) + square_flags(correct) + sanity_flags(correct, s)
-            + [f"AutoAttack: {m}" for m in dict.fromkeys(notes)])
-
 
 # ============================================================================ masks (Figure 2)
 
-def mask_report(f, g, split, cfg, batch_size, n_images=8):
-    """Mask statistics and the Figure-2 grid for a CAT checkpoint.
+def mask_sums(f, g, x, y, cfg):
+    """[sum of M, sum of M on bright pixels, bright pixels, pixels] over the batch x, where
+    delta = PGD-20(f, x) - x at the checkpoint's training eps and step (no random start) and
+    M = sigmoid(g(x + delta)) as in train.train_step; "bright" pixels have x > 0.5 (per channel)."""
+    delta = attacks.pgd(f, x, y, cfg["eps"], cfg["alpha"], 20) - x
+    with torch.no_grad(), attacks.eval_mode(g):
+        mask = cat.mask_of(g(x + delta))
+    bright = (x > 0.5).float()
+    return [mask.sum().item(), (mask * bright).sum().item(), bright.sum().item(), mask.numel()]
 
-    delta = PGD-20(f, x) - x at the checkpoint's training eps and step (no random start), and
-    M = sigmoid(g(x + delta)) as in train.train_step. Returns ({mean, mean_bright, mean_dark, ...}, grid
-    images): "bright" pixels have x > 0.5 (per channel). The grid rows are x, x + delta, M and
-    the calibrated x + M * delta (Eq. 10) of the first `n_images` examples."""
-    sums = torch.zeros(4, dtype=torch.float64)      # sum M, sum M on bright, count bright, count all
-    rows = None
-    for x, y in data.batches(split, batch_size):
-        delta = attacks.pgd(f, x, y, cfg["eps"], cfg["alpha"], 20) - x
-        with torch.no_grad(), attacks.eval_mode(g):
-            mask = cat.mask_of(g(x + delta))
-        bright = (x > 0.5).float()
-        sums += torch.tensor([mask.sum().item(), (mask * bright).sum().item(), bright.sum().item(), mask.numel()],
-                             dtype=torch.float64)
-        if rows is None:
-            k = slice(0, n_images)
-            rows = torch.cat([x[k], (x + delta)[k], mask[k], cat.calibrate(x, delta, mask)[k]]).cpu()
-    m_all, m_bright, n_bright, n = sums.tolist()
+
+def mask_grid(f, g, x, y, cfg):
+    """The Figure-2 rows of the images x: x, x + delta, M and the calibrated x + M * delta (Eq. 10)."""
+    delta = attacks.pgd(f, x, y, cfg["eps"], cfg["alpha"], 20) - x
+    with torch.no_grad(), attacks.eval_mode(g):
+        mask = cat.mask_of(g(x + delta))
+    return torch.cat([x, x + delta, mask, cat.calibrate(x, delta, mask)]).cpu()
+
+
+def mask_stats(sums, cfg):
+    m_all, m_bright, n_bright, n = sums
     stats = {"mean": m_all / n, "mean_bright": m_bright / max(n_bright, 1),
              "mean_dark": (m_all - m_bright) / max(n - n_bright, 1), "bright_fraction": n_bright / n}
-    stats = {k: round(v, 4) for k, v in stats.items()}
-    return {**stats, "eps": cfg["eps"], "alpha": cfg["alpha"], "steps": 20}, rows
+    return {**{k: round(v, 4) for k, v in stats.items()}, "eps": cfg["eps"], "alpha": cfg["alpha"], "steps": 20}
 
 
-def save_grid(rows, path):
-    """Four rows (natural, adversarial, mask, calibrated) as one PNG, written atomically."""
-    from torchvision.utils import make_grid, save_image
-    grid = make_grid(rows, nrow=len(rows) // 4, padding=2, pad_value=1.0)
-    common.write_atomic(path, lambda tmp: save_image(grid, tmp, format="png"))
+def run_masks(m, split, images, store, args, progress, save):
+    """Mask statistics of a CAT checkpoint over the split, batch by batch like an attack, kept in
+    the store (only --save-masks asks for them); returns (statistics, Figure-2 grid)."""
+    cfg, n = m["config"], len(split)
+    key = (f"masks eps={json.dumps(cfg['eps'])} alpha={json.dumps(cfg['alpha'])} steps=20 "
+           f"mask={checkpoints.weights_hash(m['g'])} on {images} n={n}")
+    e = store[m["weights"]].setdefault(key, {"done": 0, "sums": [0.0, 0.0, 0.0, 0.0], "seconds": 0.0})
+    with progress.running(f"{m['label']} masks", n, e["done"], None):
+        for x, y in data.batches(split.take(slice(e["done"], None)), args.batch_size):
+            t0 = time.time()
+            e["sums"] = [a + b for a, b in zip(e["sums"], mask_sums(m["f"], m["g"], x, y, cfg))]
+            e.update(done=e["done"] + len(y), seconds=round(e["seconds"] + time.time() - t0, 1))
+            progress.update(e["done"], None)
+            save()
+    x, y = next(data.batches(split.take(slice(0, 8)), 8))
+    return mask_stats(e["sums"], cfg), mask_grid(m["f"], m["g"], x, y, cfg)
 
 
-# ============================================================================ one row: a model at one eps
+# ============================================================================ the store
 
-def new_row(m, s, n, runs, previous):
-    """The JSON record of model `m` under settings `s` on n test images, to run the attacks `runs`
-    (natural and sanity runs included); the finished batches of an earlier run of the same model
-    file, settings and images are taken over from `previous`."""
-    row = {"model": m["label"], "source": m["source"], "kind": m["kind"], "sha256": m["sha256"],
-           "dataset": m["dataset"], "arch": m["arch"], "method": m["method"], "epoch": m["epoch"], "eps": s["eps"],
-           "n_test": n, "seed": s["seed"], "settings": s, "accuracy": {}, "stderr": {}, "seconds": {}, "flags": [],
-           "complete": False, "runs": runs, "notes": [], "correct": {}}
-    key = ("source", "sha256", "n_test", "settings")
-    old = next((r for r in previous if all(r.get(k) == row[k] for k in key)), None)
-    if old:
-        row.update(seconds=old.get("seconds", {}), notes=old.get("notes", []), correct=old.get("correct", {}))
-        if "masks" in old:
-            row["masks"] = old["masks"]
-    return row
+def test_set_id(dataset, test):
+    """The test set's name in the store: the dataset and a hash of its images and labels."""
+    digest = hashlib.sha256(test.images.cpu().numpy().tobytes())
+    digest.update(test.labels.cpu().numpy().tobytes())
+    return f"{dataset} test {digest.hexdigest()[:12]}"
 
 
-def evaluate_row(m, split, row, names, progress, save):
-    """Run every attack of `names` that `row` has not finished; its bits grow batch by batch and
-    save() writes them after each batch."""
-    s, n = row["settings"], len(split)
-    with autoattack_log(progress.log, row["notes"]):
-        for name in names:
-            bits = row["correct"].get(name, "")
-            if len(bits) == n:
-                continue
-
-            def on_batch(bits, seconds, name=name):
-                row["correct"][name] = bits
-                row["seconds"][name] = round(row["seconds"].get(name, 0.0) + seconds, 1)
-                save()
-
-            what = f"{row['model']} eps {row['eps']:.4g} {title(name)}"
-            with progress.running(what, n, len(bits), bits.count("1")):
-                bits = attack_split(name, m["f"], split, s, bits, on_batch, progress)
-            progress.log(f"  {title(name)}: {pct(from_bits(bits)):.2f}% ({row['seconds'][name]:.1f} s)")
+def read_store(path):
+    """The JSON at `path` as written by evaluate.py ({} when there is none); anything else is
+    refused in one line, before any compute, and left as it is."""
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError) as e:
+        die(f"{path} is not readable JSON ({checkpoints.one_line(e)}); choose another --json, it is left as it is")
+    if not isinstance(doc, dict) or not ({"results", "models", "checkpoint"} & set(doc)) or \
+            not isinstance(doc.get("results", {}), dict) or not isinstance(doc.get("models", []), list):
+        die(f"{path} is not an evaluation written by evaluate.py; choose another --json, it is left as it is")
+    return doc
 
 
-def summarise(row, shown):
-    """Accuracy and standard error of each finished attack; Avg, Worst and the flags once all ran."""
-    n, s = row["n_test"], row["settings"]
-    correct = {a: from_bits(b) for a, b in row["correct"].items() if len(b) == n}
-    done = [a for a in shown if a in correct]
-    row["accuracy"] = {a: pct(correct[a]) for a in done}
+def convert(doc, weights_of, images_of):
+    """The store of a JSON in an older shape: {"models": [rows with per-image bits in "correct"]} or one
+    flat model. Each row's bits become entries; the row itself (bits aside) and a flat file whole are kept
+    under results[weights]["earlier"]. weights_of(row) names the weights, images_of(dataset) the test set."""
+    if "results" in doc:
+        return doc["results"]
+    store = {}
+    for row in doc.get("models") or [{**doc, "source": doc.get("checkpoint"), "kind": "checkpoint"}]:
+        mine = store.setdefault(weights_of(row), {"model": {k: row.get(k) for k in MODEL_KEYS}})
+        s = {**settings_for(row["dataset"]), **row.get("settings", {})}
+        for name, bits in row.get("correct", {}).items():
+            e = mine.setdefault(entry_key(name, s, images_of(row["dataset"])), {"bits": "", "seconds": 0.0})
+            if len(bits) > len(e["bits"]):
+                e.update(bits=bits, seconds=row.get("seconds", {}).get(name, 0.0),
+                         notes=row.get("notes", []) if name in EXTERNAL else [])
+        mine.setdefault("earlier", []).append({k: v for k, v in row.items() if k != "correct"})
+    return store
+
+
+MODEL_KEYS = ("source", "kind", "dataset", "arch", "method", "epoch")
+
+
+def old_weights(row, data_dir="data"):
+    """The weights of an old row: hashed from its checkpoint or state_dict when that file is still
+    there (and, where the row has its sha256, unchanged); else the file named, which matches no run."""
+    source = row.get("source") or ""
+    if row.get("kind") != "factory" and os.path.isfile(source) and row.get("sha256") in (None, checkpoints.sha256(source)):
+        with contextlib.suppress(checkpoints.CheckpointError):
+            arch = row.get("arch") if row.get("kind") == "state_dict" else None
+            return checkpoints.weights_hash(checkpoints.load_model(source, row.get("dataset"), arch)["f"])
+    return f"file {row.get('sha256', '?')[:16]} {source}"
+
+
+def attack_bits(name, m, split, s, images, store, progress, save):
+    """The bits of attack `name` on the split: those stored under its key, continued where they end."""
+    e = store[m["weights"]].setdefault(entry_key(name, s, images), {"bits": "", "seconds": 0.0, "notes": []})
+    n, known_bits = len(split), e["bits"][:len(split)]
+    if len(known_bits) < n:
+        def on_batch(bits, seconds):
+            e.update(bits=bits, seconds=round(e["seconds"] + seconds, 1))
+            save()
+
+        with progress.running(f"{m['label']} eps {s['eps']:.4g} {title(name)}", n, len(known_bits),
+                              known_bits.count("1")), autoattack_log(progress.log, e.setdefault("notes", [])):
+            attack_split(name, m["f"], split, s, known_bits, on_batch, progress)
+        progress.log(f"  {title(name)}: {pct(from_bits(e['bits'][:n])):.2f}% ({e['seconds']:.1f} s)")
+    return e
+
+
+def make_row(m, s, split, images, runs, shown, store):
+    """The table row of model m under settings s: accuracy and standard error of each attack of `runs`
+    the store has for every image of the split; Avg, Worst and the flags once all of them are there."""
+    n, mine = len(split), store[m["weights"]]
+    entries = {a: mine.get(entry_key(a, s, images), {}) for a in runs}
+    correct = {a: from_bits(e["bits"][:n]) for a, e in entries.items() if len(e.get("bits", "")) >= n}
+    row = {"model": m["label"], "weights": m["weights"], **{k: m[k] for k in MODEL_KEYS}, "eps": s["eps"],
+           "n_test": n, "seed": s["seed"], "test_set": images, "settings": s, "runs": runs,
+           "accuracy": {a: pct(correct[a]) for a in shown if a in correct},
+           "seconds": {a: e["seconds"] for a, e in entries.items() if "seconds" in e},
+           "notes": list(dict.fromkeys(x for e in entries.values() for x in e.get("notes", []))),
+           "complete": len(correct) == len(runs), "flags": []}
     # binomial standard error of each accuracy, in points: sqrt(p (100 - p) / n)
-    row["stderr"] = {a: round(math.sqrt(p * (100 - p) / n), 2) for a, p in row["accuracy"].items()}
-    row["complete"] = all(a in correct for a in row["runs"])
+    row["stderr"] = {a: round((p * (100 - p) / n) ** 0.5, 2) for a, p in row["accuracy"].items()}
     if row["complete"]:
-        row["accuracy"] = accuracies(correct, shown)
-        row["flags"] = all_flags(correct, s, row["notes"])
+        row.update(accuracy=accuracies(correct, shown), flags=all_flags(correct, s, row["notes"]))
         if "eps0" in correct:
             row["sanity"] = {"eps0": pct(correct["eps0"]), "large_eps": pct(correct["large_eps"]),
                              "large_eps_value": s["large_eps"]}
-    row["correct"] = row.pop("correct")              # the long strings last in the JSON
     return row
-
-
-# ============================================================================ report
-
-def row_label(row, rows):
-    """The model's label, with the eps when the table has more than one eps for it."""
-    several = sum(r["source"] == row["source"] for r in rows) > 1
-    return f"{row['model']} eps {row['eps']:.4g}" if several else row["model"]
-
-
-def columns(names):
-    return list(names) + ["avg"] + (["worst"] if len(names) >= 2 else [])
-
-
-def table(rows, names):
-    """The paper's Table 2 layout, one row per model and eps, then Worst, then the noise level,
-    sanity numbers and flags."""
-    cols = columns(names)
-    heads = {"avg": "Avg", "worst": "Worst"}
-    lines = [f"{'model':<28}{'eps':>9}" + "".join(f"{heads.get(c) or title(c):>9}" for c in cols)]
-    for r in rows:
-        cells = "".join(f"{r['accuracy'][c]:>9.2f}" if c in r["accuracy"] else f"{'-':>9}" for c in cols)
-        lines.append(f"{r['model']:<28}{r['eps']:>9.4g}" + cells)
-    lines.append(f"accuracy in % on n = {', '.join(str(n) for n in dict.fromkeys(r['n_test'] for r in rows))} "
-                 f"test images; binomial standard error <= {50 / math.sqrt(min(r['n_test'] for r in rows)):.2f} "
-                 "points. Avg: mean of the columns before it; Worst: survives every attack run, natural included")
-    for r in rows:
-        if "sanity" in r:
-            lines.append(f"sanity {r['model']}: PGD-20 at eps 0 {r['sanity']['eps0']:.2f}% (natural must match), "
-                         f"PGD-100 at eps {r['sanity']['large_eps_value']} {r['sanity']['large_eps']:.2f}% (must be ~0)")
-        if "masks" in r:
-            mk = r["masks"]
-            lines.append(f"mask {r['model']}: mean {mk['mean']:.3f}, bright pixels {mk['mean_bright']:.3f}, "
-                         f"dark pixels {mk['mean_dark']:.3f} (PGD-20 at eps {mk['eps']:.4f})")
-    flags = [f"  {row_label(r, rows)}: {line}" for r in rows for line in r["flags"]]
-    lines.append("flags: none" if not flags else "FLAGS (check before trusting the table):")
-    return "\n".join(lines + flags)
-
-
-def write_csv(rows, names, path):
-    """The table as CSV: one line per model and eps, accuracy in %; empty where an attack did not finish."""
-    cols = columns(names)
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as fh:
-            out = csv.writer(fh)
-            out.writerow(["model", "source", "dataset", "eps", "n_test", *cols])
-            for r in rows:
-                out.writerow([r["model"], r["source"], r["dataset"], r["eps"], r["n_test"],
-                              *[r["accuracy"].get(c, "") for c in cols]])
-    common.write_atomic(path, write)
-
-
-def plot_curve(rows, names, path):
-    """Accuracy against eps, one line per attack (and Worst) and model, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    sources = list(dict.fromkeys(r["source"] for r in rows))
-    for source in sources:
-        mine = sorted((r for r in rows if r["source"] == source), key=lambda r: r["eps"])
-        for c in [*names, "worst"]:
-            points = [(r["eps"], r["accuracy"][c]) for r in mine if c in r["accuracy"]]
-            if points:
-                name = "Worst" if c == "worst" else title(c)
-                ax.plot(*zip(*points), marker="o", linestyle="--" if c == "worst" else "-",
-                        label=f"{mine[0]['model']}: {name}" if len(sources) > 1 else name)
-    ax.set(xlabel="eps (L-inf, pixel units in [0, 1])", ylabel="test accuracy (%)", ylim=(-2, 102),
-           title=f"{', '.join(str(n) for n in dict.fromkeys(r['n_test'] for r in rows))} test images")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-
-
-# ============================================================================ models
-
-def load_model(source, args, device):
-    """One positional argument -> checkpoints.load_model's dict, with the file's sha256."""
-    m = checkpoints.load_model(source, args.dataset, args.arch, device)
-    if args.save_masks and m["g"] is None:
-        die(f"{source} has no mask network (not a CAT checkpoint, or trained with --no-mask); "
-            "--save-masks needs one: drop it or pass a CAT checkpoint")
-    return {**m, "sha256": checkpoints.sha256(source.rsplit(":", 1)[0] if m["kind"] == "factory" else source)}
-
-
-def check_output(m, split):
-    x, _ = next(data.batches(split.take(torch.arange(min(2, len(split)))), 2))
-    with attacks.eval_mode(m["f"]):
-        checkpoints.check_output(m, x)
 
 
 # ============================================================================ command line
 
 def eps_list(text):
     """'0.3' or '0.1,0.2,0.3' or '2/255,8/255' -> sorted list of distinct budgets in (0, 1]."""
-    values = sorted({fraction(t.strip()) for t in text.split(",") if t.strip()})
-    if not values or not all(0 < v <= 1 for v in values):
+    parts = [t.strip() for t in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty entry; separate the eps values by single commas")
+    values = sorted({fraction(t) for t in parts})
+    if not all(0 < v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: each eps must lie in (0, 1], in pixel units (8/255 on CIFAR)")
     return values
 
@@ -637,14 +466,15 @@ def build_parser():
     a("--seed", type=int, default=0, help="seeds the random starts and pyautoattack")
     a("--sanity", action="store_true", help="also run PGD-20 at eps 0 (must equal natural) and PGD-100 at "
       "eps 0.5 (must reach ~0%%), once per model")
-    a("--save-masks", metavar="PNG", help="CAT checkpoint only: Figure-2 grid of x, x + delta, mask, x_cali")
+    a("--save-masks", metavar="PNG", help="CAT checkpoint only: Figure-2 grid of x, x + delta, mask, x_cali, "
+      "and the mean mask over the test images (a PGD-20 pass of its own)")
     a("--dataset", choices=sorted(common.TEST_ATTACK), help="the dataset of a state_dict or factory; refuses "
       "checkpoints trained on another")
     a("--arch", help="the models.py architecture of a state_dict; refuses checkpoints of another")
     a("--subset", type=int, help="evaluate on the first N test images")
     a("--batch-size", type=int, default=500, help="test images per batch (restarts attack the survivors only)")
-    a("--json", help="every number, the settings and per-image results, rewritten after each batch; running "
-      "the same command again resumes from it")
+    a("--json", help="the store of per-image results (kept per model weights, attack and the settings it reads; "
+      "written after each batch) and this run's table; running again reuses what matches and keeps the rest")
     a("--csv", help="write the table here as CSV")
     a("--plot", metavar="PNG", help="accuracy against eps, one line per attack and model (two or more --eps)")
     a("--progress", type=float, default=30.0, help="seconds between progress lines while an attack runs")
@@ -657,13 +487,15 @@ def parse_args(argv=None):
     """Flags -> namespace, or exit 2 with one line naming the problem and the fix."""
     p = build_parser()
     args = p.parse_args(argv)
-    args.attacks = list(dict.fromkeys(a.strip() for a in args.attacks.split(",") if a.strip()))
-    unknown = [a for a in args.attacks if not known(a)]
+    typed = [a.strip() for a in args.attacks.split(",")]
+    args.attacks = list(dict.fromkeys(typed))
+    unknown = [a for a in args.attacks if a and not known(a)]
     used = lambda test: any(test(a) for a in args.attacks)
     outputs = [o for o in (args.json, args.csv, args.plot, args.save_masks) if o]
     checks = [
+        (args.attacks != [""], f"--attacks is empty; choose from {', '.join(NAMES)}"),
+        (all(typed), f"--attacks {','.join(typed)} has an empty entry; separate the attacks by single commas"),
         (not unknown, f"unknown attack {', '.join(unknown)} in --attacks; choose from {', '.join(NAMES)}, pgdN"),
-        (args.attacks, f"--attacks is empty; choose from {', '.join(NAMES)}"),
         (args.restarts is None or args.restarts >= 1, f"--restarts {args.restarts} must be >= 1"),
         (args.restarts is None or used(restartable), "--restarts applies to pgdN, cw, mtpgd, pgd10rs: add one"),
         (args.queries is None or args.queries >= 1, f"--queries {args.queries} must be >= 1"),
@@ -702,56 +534,50 @@ def need_packages(args):
         die("--plot draws with matplotlib: pip install matplotlib")
 
 
-def read_previous(path):
-    """The rows of an earlier run's --json, to resume from; [] when there is none."""
-    if not path or not os.path.exists(path):
-        return []
-    try:
-        with open(path) as fh:
-            rows = json.load(fh).get("models", [])
-    except (ValueError, AttributeError):
-        die(f"{path} is not a JSON written by evaluate.py; delete it or choose another --json")
-    return [r for r in rows if isinstance(r, dict)]
-
-
-def run_key_settings(args):
-    return dict(alpha=args.alpha, cw_steps=args.cw_steps, mt_steps=args.mt_steps, restarts=args.restarts or 1,
-                queries=args.queries or 5000, seed=args.seed, batch_size=args.batch_size)
-
-
 def load_everything(args, device):
-    """Every model and test split, checked before any evaluation starts: a bad one costs no compute."""
+    """Every model (with the hash of its weights) and test split (with its name in the store),
+    checked before any evaluation starts: a bad one costs no compute."""
     try:
-        loaded = [load_model(source, args, device) for source in args.models]
-        splits = {}
+        loaded, splits = [], {}
+        for source in args.models:
+            m = checkpoints.load_model(source, args.dataset, args.arch, device)
+            if args.save_masks and m["g"] is None:
+                die(f"{source} has no mask network (not a CAT checkpoint, or trained with --no-mask); "
+                    "--save-masks needs one: drop it or pass a CAT checkpoint")
+            loaded.append({**m, "weights": checkpoints.weights_hash(m["f"])})
         for dataset in dict.fromkeys(m["dataset"] for m in loaded):
-            test = data.load(dataset, args.data_dir)[2]
-            splits[dataset] = test.take(torch.arange(min(args.subset or len(test), len(test)))).to(device)
+            test = data.load_test(dataset, args.data_dir)
+            splits[dataset] = (test.take(slice(0, args.subset)).to(device), test_set_id(dataset, test))
         for m in loaded:
-            check_output(m, splits[m["dataset"]])
+            x, _ = next(data.batches(splits[m["dataset"]][0].take(slice(0, 2)), 2))
+            with attacks.eval_mode(m["f"]):
+                checkpoints.check_output(m, x)
     except (checkpoints.CheckpointError, data.DataError) as e:
         die(str(e))
     return loaded, splits
 
 
-def evaluate_all(loaded, splits, args, previous, rows, save):
-    """Every model at every eps, each row appended to `rows` as it starts; returns the Figure-2
-    grid of the first model (for --save-masks, which takes one)."""
+def evaluate_all(loaded, splits, args, store, rows, save):
+    """Every model at every eps, each row appended to `rows` and renewed after each attack; returns
+    the Figure-2 grid of the first model (for --save-masks, which takes one)."""
     progress, grid = Progress(args.progress), None
     for m in loaded:
-        split = splits[m["dataset"]]
+        split, images = splits[m["dataset"]]
+        store.setdefault(m["weights"], {}).setdefault("model", {k: m[k] for k in MODEL_KEYS})
         for k, eps in enumerate(args.eps or [None]):
-            s = settings_for(m["dataset"], eps, **run_key_settings(args))
-            runs = ["natural", *args.attacks, *(SANITY if args.sanity and k == 0 else ())]
-            rows.append(new_row(m, s, len(split), list(dict.fromkeys(runs)), previous))
-            resumed = sum(len(b) == len(split) for b in rows[-1]["correct"].values())
+            s = settings_for(m["dataset"], eps, args.alpha, args.cw_steps, args.mt_steps, args.restarts or 1,
+                             args.queries or 5000, args.seed, args.batch_size)
+            runs = list(dict.fromkeys(["natural", *args.attacks, *(SANITY if args.sanity and k == 0 else ())]))
             say(f"evaluating {m['source']} ({m['kind']}, {m['dataset']}, {m['arch']}, {m['method']}, epoch "
-                f"{m['epoch']}) at eps {s['eps']:.4g} on {len(split)} test images, {split.labels.device}"
-                + (f"; {resumed} attacks already finished in {args.json}" if resumed else ""))
+                f"{m['epoch']}, weights {m['weights']}) at eps {s['eps']:.4g} on {len(split)} test images, "
+                f"{split.labels.device}")
             say(f"settings: {json.dumps(s)}")
-            evaluate_row(m, split, rows[-1], rows[-1]["runs"], progress, save)
-            if k == 0 and m["g"] is not None and (args.save_masks or "masks" not in rows[-1]):
-                rows[-1]["masks"], grid = mask_report(m["f"], m["g"], split, m["config"], args.batch_size)
+            rows.append(make_row(m, s, split, images, runs, args.attacks, store))
+            for name in runs:
+                attack_bits(name, m, split, s, images, store, progress, save)
+                rows[-1] = make_row(m, s, split, images, runs, args.attacks, store)
+            if k == 0 and args.save_masks:
+                rows[-1]["masks"], grid = run_masks(m, split, images, store, args, progress, save)
             save()
     return grid
 
@@ -762,30 +588,33 @@ def main(argv=None):
     device = common.pick_device(args.device)
     torch.backends.fp32_precision = "ieee"            # full fp32: no TF32 in matmuls or convolutions
     need_packages(args)
+    doc = read_store(args.json)                       # a bad file is refused before any compute
     loaded, splits = load_everything(args, device)
-    previous, rows = read_previous(args.json), []
+    ids = {dataset: images for dataset, (_, images) in splits.items()}
+    store, rows = convert(doc, old_weights, lambda d: ids.get(d) or test_set_id(d, data.load_test(d, args.data_dir))) \
+        if doc else {}, []
 
     def save():
         if args.json:
-            common.write_json({"models": [summarise(r, args.attacks) for r in rows], "attacks": args.attacks,
+            common.write_json({"results": store, "models": rows, "attacks": args.attacks,
                                "command": ["evaluate.py", *(sys.argv[1:] if argv is None else argv)],
                                "wall_seconds": round(time.time() - t_start, 1)}, args.json)
 
     try:
-        grid = evaluate_all(loaded, splits, args, previous, rows, save)
+        grid = evaluate_all(loaded, splits, args, store, rows, save)
     except KeyboardInterrupt:
         save()
         die("interrupted; " + (f"every finished batch is in {args.json}: run the same command again to resume"
                                if args.json else "nothing kept (no --json)"), code=130)
-    print(table([summarise(r, args.attacks) for r in rows], args.attacks))
+    print(report.eval_table(rows, args.attacks))
     if args.save_masks:
-        save_grid(grid, args.save_masks)
+        report.save_grid(grid, args.save_masks)
         print(f"masks: {args.save_masks}")
     if args.csv:
-        write_csv(rows, args.attacks, args.csv)
+        report.write_csv(rows, args.attacks, args.csv)
         print(f"csv: {args.csv}")
     if args.plot:
-        plot_curve(rows, args.attacks, args.plot)
+        report.plot_curve(rows, args.attacks, args.plot)
         print(f"curve: {args.plot}")
 
 

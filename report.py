@@ -11,13 +11,14 @@ a column. Runs whose configs differ only in the seed (or in where and on what de
 form one group; the seeds table gives each number of a group as mean +- sd over its runs (sample
 standard deviation, n - 1), with n. Accuracies are in %.
 """
+import csv
 import json
 import math
 import os
 
 import checkpoints
 import common
-import evaluate
+import verdicts
 from common import OneLineParser, die
 
 # Config keys that do not change the experiment: runs that differ only in these are seeds of one setting.
@@ -147,7 +148,7 @@ def column_name(col, several_eps):
     if isinstance(col, str):
         return col
     attack, eps = col
-    name = "Worst" if attack == "worst" else evaluate.title(attack) if evaluate.known(attack) else attack
+    name = "Worst" if attack == "worst" else verdicts.title(attack) if verdicts.known(attack) else attack
     return f"{name} (eps {eps:g})" if several_eps and eps is not None else name
 
 
@@ -241,6 +242,88 @@ def plot_curves(groups, path):
     fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
     common.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+# ============================================================================ evaluation tables (evaluate.py prints through these)
+
+def row_label(row, rows):
+    """The model's label, with the eps when the table has more than one eps for it."""
+    several = sum(r["source"] == row["source"] for r in rows) > 1
+    return f"{row['model']} eps {row['eps']:.4g}" if several else row["model"]
+
+
+def columns(names):
+    return list(names) + ["avg"] + (["worst"] if len(names) >= 2 else [])
+
+
+def eval_table(rows, names):
+    """The paper's Table 2 layout, one row per model and eps, then Worst, then the noise level,
+    sanity numbers and flags."""
+    cols = columns(names)
+    heads = {"avg": "Avg", "worst": "Worst"}
+    lines = [f"{'model':<28}{'eps':>9}" + "".join(f"{heads.get(c) or verdicts.title(c):>9}" for c in cols)]
+    for r in rows:
+        cells = "".join(f"{r['accuracy'][c]:>9.2f}" if c in r["accuracy"] else f"{'-':>9}" for c in cols)
+        lines.append(f"{r['model']:<28}{r['eps']:>9.4g}" + cells)
+    lines.append(f"accuracy in % on n = {', '.join(str(n) for n in dict.fromkeys(r['n_test'] for r in rows))} "
+                 f"test images; binomial standard error <= {50 / math.sqrt(min(r['n_test'] for r in rows)):.2f} "
+                 "points. Avg: mean of the columns before it; Worst: survives every attack run, natural included")
+    for r in rows:
+        if "sanity" in r:
+            lines.append(f"sanity {r['model']}: PGD-20 at eps 0 {r['sanity']['eps0']:.2f}% (natural must match), "
+                         f"PGD-100 at eps {r['sanity']['large_eps_value']} {r['sanity']['large_eps']:.2f}% (must be ~0)")
+        if "masks" in r:
+            mk = r["masks"]
+            lines.append(f"mask {r['model']}: mean {mk['mean']:.3f}, bright pixels {mk['mean_bright']:.3f}, "
+                         f"dark pixels {mk['mean_dark']:.3f} (PGD-20 at eps {mk['eps']:.4f})")
+    flags = [f"  {row_label(r, rows)}: {line}" for r in rows for line in r["flags"]]
+    lines.append("flags: none" if not flags else "FLAGS (check before trusting the table):")
+    return "\n".join(lines + flags)
+
+
+def write_csv(rows, names, path):
+    """The table as CSV: one line per model and eps, accuracy in %; empty where an attack did not finish."""
+    cols = columns(names)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(["model", "source", "dataset", "eps", "n_test", *cols])
+            for r in rows:
+                out.writerow([r["model"], r["source"], r["dataset"], r["eps"], r["n_test"],
+                              *[r["accuracy"].get(c, "") for c in cols]])
+    common.write_atomic(path, write)
+
+
+def plot_curve(rows, names, path):
+    """Accuracy against eps, one line per attack (and Worst) and model, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    for source in sources:
+        mine = sorted((r for r in rows if r["source"] == source), key=lambda r: r["eps"])
+        for c in [*names, "worst"]:
+            points = [(r["eps"], r["accuracy"][c]) for r in mine if c in r["accuracy"]]
+            if points:
+                name = "Worst" if c == "worst" else verdicts.title(c)
+                ax.plot(*zip(*points), marker="o", linestyle="--" if c == "worst" else "-",
+                        label=f"{mine[0]['model']}: {name}" if len(sources) > 1 else name)
+    ax.set(xlabel="eps (L-inf, pixel units in [0, 1])", ylabel="test accuracy (%)", ylim=(-2, 102),
+           title=f"{', '.join(str(n) for n in dict.fromkeys(r['n_test'] for r in rows))} test images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def save_grid(rows, path):
+    """Four rows (natural, adversarial, mask, calibrated) as one PNG, written atomically."""
+    from torchvision.utils import make_grid, save_image
+    grid = make_grid(rows, nrow=len(rows) // 4, padding=2, pad_value=1.0)
+    common.write_atomic(path, lambda tmp: save_image(grid, tmp, format="png"))
 
 
 # ============================================================================ command line

@@ -1,4 +1,5 @@
 """The specification of evaluate.py and attacks.mtpgd, as tests. Run: python -m pytest -q test_eval.py"""
+import copy
 import csv
 import json
 import os
@@ -11,9 +12,12 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
 import attacks
+import checkpoints
+import common
 import data
 import evaluate
 import models
+import verdicts
 from conftest import HERE, Payload, run_cli, tiny_cnn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -130,9 +134,9 @@ def test_worst_is_the_per_example_and_natural_included(rows):
     names = ["natural", "fgsm", "pgd20", "cw", "square"][:len(rows)]
     correct = {n: torch.tensor(r) for n, r in zip(names, rows)}
     shown = names[1:] if len(names) > 2 else names       # natural counts even when not a column
-    worst = evaluate.worst_correct(correct, shown)
+    worst = verdicts.worst_correct(correct, shown)
     assert torch.equal(worst, torch.stack(list(correct.values())).all(0))
-    acc = evaluate.accuracies(correct, shown)
+    acc = verdicts.accuracies(correct, shown)
     assert all(acc["worst"] <= acc[n] for n in shown)
 
 
@@ -141,7 +145,7 @@ def test_worst_never_exceeds_any_attack(natural_model, mnist_small):
     names = ["natural", "fgsm", "pgd20", "mtpgd"]
     s = mnist_settings(eps=0.05, alpha=0.01, mt_steps=5, batch_size=50)
     correct, _ = evaluate.evaluate_split(natural_model, mnist_small[1].take(torch.arange(100)), names, s)
-    worst, acc = evaluate.worst_correct(correct, names), evaluate.accuracies(correct, names)
+    worst, acc = verdicts.worst_correct(correct, names), verdicts.accuracies(correct, names)
     for n in names:
         assert (worst <= correct[n]).all() and acc["worst"] <= acc[n]
     assert acc["worst"] < acc["natural"]
@@ -192,7 +196,7 @@ SANITY_NAMES = ["natural", "fgsm", "pgd20", "square", "eps0", "large_eps"]
 def flags_of(model, split, names=SANITY_NAMES):
     s = mnist_settings()
     correct, _ = evaluate.evaluate_split(model, split, names, s)
-    return evaluate.all_flags(correct, s)
+    return verdicts.all_flags(correct, s)
 
 
 @pytest.mark.slow
@@ -220,12 +224,12 @@ def test_order_flag_needs_more_than_noise():
     def flags(b, c, n=100):               # b: survive pgd100 only; c: survive pgd20 only
         strong, weak = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
         strong[:b], weak[b:b + c] = True, True
-        return evaluate.order_flags({"pgd100": strong, "pgd20": weak})
+        return verdicts.order_flags({"pgd100": strong, "pgd20": weak})
 
     assert flags(9, 0) == []                                    # 9 <= 3 * 3
     assert len(flags(10, 0)) == 1 and "PGD-100 10.00% above PGD-20 0.00%" in flags(10, 0)[0]   # 10 > 3 sqrt(10)
     assert flags(30, 20) == []                                  # 10 <= 3 * sqrt(50)
-    assert evaluate.order_flags({"pgd20": torch.ones(50, dtype=torch.bool),   # the expected direction
+    assert verdicts.order_flags({"pgd20": torch.ones(50, dtype=torch.bool),   # the expected direction
                                  "pgd100": torch.zeros(50, dtype=torch.bool)}) == []
 
 
@@ -244,24 +248,24 @@ def test_square_flag_says_weak_pgd_when_apgd_matches_square():
     # PGD-100 breaks 5 of 100; APGD-T and Square break ~20, mostly the same ones (CAT_cw's pattern)
     correct = {"natural": survivors(100, []), "pgd100": survivors(100, range(5)),
                "apgd-t": survivors(100, range(20)), "square": survivors(100, [*range(19), 25])}
-    flags = evaluate.all_flags(correct, mnist_settings())
+    flags = verdicts.all_flags(correct, mnist_settings())
     assert len(flags) == 1 and "PGD-100 95.00% above Square 80.00%" in flags[0]
-    assert "(PGD-100, APGD-T) 80.00%" in flags[0] and evaluate.WHY_WEAK in flags[0]
-    assert not any(evaluate.WHY_MASKING in f or evaluate.WHY_MASKING_OR_WEAK in f for f in flags)
+    assert "(PGD-100, APGD-T) 80.00%" in flags[0] and verdicts.WHY_WEAK in flags[0]
+    assert not any(verdicts.WHY_MASKING in f or verdicts.WHY_MASKING_OR_WEAK in f for f in flags)
 
 
 def test_square_flag_says_masking_when_square_beats_apgd_too():
     correct = {"natural": survivors(100, []), "pgd100": survivors(100, range(5)),
                "apgd-t": survivors(100, range(6)), "square": survivors(100, range(20))}
-    flags = evaluate.square_flags(correct)
+    flags = verdicts.square_flags(correct)
     assert len(flags) == 1 and "(PGD-100, APGD-T) 94.00% above Square 80.00%" in flags[0]
-    assert evaluate.WHY_MASKING in flags[0] and "14/0" in flags[0]       # b = 14 only-Square breaks, c = 0
+    assert verdicts.WHY_MASKING in flags[0] and "14/0" in flags[0]       # b = 14 only-Square breaks, c = 0
 
 
 def test_square_flag_needs_more_than_noise():
     correct = {"apgd-t": survivors(100, range(10)), "square": survivors(100, range(16))}   # 6 <= 3 sqrt(6)
-    assert evaluate.square_flags(correct) == []
-    assert evaluate.square_flags({"square": survivors(100, range(50))}) == []               # no white-box ran
+    assert verdicts.square_flags(correct) == []
+    assert verdicts.square_flags({"square": survivors(100, range(50))}) == []               # no white-box ran
 
 
 @pytest.mark.slow
@@ -270,8 +274,8 @@ def test_masking_flag_fires_on_the_masked_model_with_apgd(natural_model, mnist_s
     split = mnist_small[1].take(torch.arange(50))
     correct, _ = evaluate.evaluate_split(masked, split, ["natural", "pgd20", "apgd-ce", "square"],
                                          mnist_settings(queries=300))
-    flags = evaluate.square_flags(correct)
-    assert len(flags) == 1 and "(PGD-20, APGD-CE)" in flags[0] and evaluate.WHY_MASKING in flags[0]
+    flags = verdicts.square_flags(correct)
+    assert len(flags) == 1 and "(PGD-20, APGD-CE)" in flags[0] and verdicts.WHY_MASKING in flags[0]
 
 
 @pytest.mark.slow
@@ -280,7 +284,7 @@ def test_masking_flag_silent_where_apgd_matches_square(natural_model, mnist_smal
     correct, _ = evaluate.evaluate_split(natural_model, split, ["natural", "pgd20", "apgd-ce", "square"],
                                          mnist_settings(eps=0.05, alpha=0.0025, queries=300))
     assert pct_of(correct["apgd-ce"]) <= pct_of(correct["square"]) + 4     # APGD matches Square here
-    assert evaluate.all_flags(correct, mnist_settings()) == []
+    assert verdicts.all_flags(correct, mnist_settings()) == []
 
 
 def pct_of(correct):
@@ -331,6 +335,18 @@ def write_factory(folder, natural_model, sleep=0.0):
     return str(path)
 
 
+def stored(path):
+    """The store of an evaluate.py JSON: {weights: {entry key: entry}}."""
+    return json.load(open(path))["results"]
+
+
+def bits_of(path, weights=None):
+    """{attack: bits} of the entries in the store at `path` (of the one model there, or of `weights`)."""
+    store = stored(path)
+    mine = store[weights or next(iter(store))]
+    return {key.split()[0]: e["bits"] for key, e in mine.items() if "bits" in e}
+
+
 def evaluate_main(argv):
     """evaluate.main on the CPU with the repository's data folder."""
     evaluate.main([*argv, "--device", "cpu", "--data-dir", os.path.join(HERE, "data")])
@@ -348,11 +364,13 @@ def test_a_factory_model_gets_every_attack_and_flag(natural_model, tmp_path, cap
     for r in rows:
         assert list(r["accuracy"]) == names + ["avg", "worst"] and set(r["stderr"]) == set(names)
         assert r["accuracy"]["worst"] <= min(r["accuracy"][a] for a in names) and isinstance(r["flags"], list)
-        assert set(r["seconds"]) >= set(names) and all(len(b) == 10 for b in r["correct"].values())
+        assert set(r["seconds"]) >= set(names) and r["test_set"].startswith("mnist test ")
+    entries = stored(out)[rows[0]["weights"]]
+    assert all(len(e["bits"]) == 10 for k, e in entries.items() if " on mnist test " in k and "bits" in e)
     s = rows[0]["settings"]
     assert (s["restarts"], s["queries"], s["mt_steps"], s["cw_steps"]) == (2, 50, 3, 5)
     assert s["alpha"] == pytest.approx(0.01) and s["cw_eps"] == 0.2        # the paper's step/eps ratio at eps 0.2
-    assert "sanity" in rows[0] and "eps0" in rows[0]["correct"] and "sanity" not in rows[1]   # once per model
+    assert "sanity" in rows[0] and "eps0" in rows[0]["runs"] and "sanity" not in rows[1]   # once per model
     stdout = capsys.readouterr().out
     assert "AutoAttack: robust accuracy after APGD-CE" in stdout and "AutoAttack: running apgd-t" in stdout
     assert len(list(csv.reader(open(tmp_path / "t.csv")))) == 3
@@ -469,28 +487,141 @@ def test_a_killed_then_resumed_evaluation_equals_an_uninterrupted_one(natural_mo
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 130 and len(err) == 1 and "run the same command again to resume" in err[0]
     kept = json.load(open(tmp_path / "parts.json"))["models"][0]
-    assert {a: len(b) for a, b in kept["correct"].items()} == {"natural": 60, "fgsm": 20}
+    assert {a: len(b) for a, b in bits_of(tmp_path / "parts.json").items()} == {"natural": 60, "fgsm": 20}
     assert list(kept["accuracy"]) == ["natural"] and not kept["complete"]       # finished attacks only
     resumed = Interrupt()
     monkeypatch.setattr(evaluate, "attack_correct", resumed)
     evaluate_main(argv + ["--json", str(tmp_path / "parts.json")])
     assert resumed.calls == 2 + 3                                                # fgsm's last two, pgd20's three
     whole, parts = (json.load(open(tmp_path / f))["models"][0] for f in ("whole.json", "parts.json"))
-    assert parts["correct"] == whole["correct"] and parts["accuracy"] == whole["accuracy"] and parts["complete"]
+    assert bits_of(tmp_path / "parts.json") == bits_of(tmp_path / "whole.json")
+    assert parts["accuracy"] == whole["accuracy"] and parts["complete"]
     assert parts["flags"] == whole["flags"]
 
 
-def test_a_changed_setting_starts_afresh(natural_model, tmp_path, monkeypatch):
-    zoo = write_factory(tmp_path, natural_model)
-    argv = [f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural,fgsm", "--subset", "20",
-            "--json", str(tmp_path / "e.json")]
-    evaluate_main(argv + ["--eps", "0.05"])
+def other_model(natural_model):
+    """The natural model with its last layer scaled: other weights, the same architecture."""
+    model = copy.deepcopy(natural_model)
+    with torch.no_grad():
+        model[-1].weight.mul_(0.5)
+    return model
+
+
+def test_the_store_keeps_other_eps_models_and_attacks(natural_model, tmp_path, monkeypatch):
+    zoo, out = write_factory(tmp_path, natural_model), str(tmp_path / "e.json")
+    (tmp_path / "b").mkdir()
+    zoo_b = write_factory(tmp_path / "b", other_model(natural_model))
+    argv = ["--dataset", "mnist", "--subset", "20", "--json", out]
+    evaluate_main([f"{zoo}:build", "--attacks", "natural,fgsm", "--eps", "0.05", *argv])
     counted = Interrupt()
     monkeypatch.setattr(evaluate, "attack_correct", counted)
-    evaluate_main(argv + ["--eps", "0.05"])
+    evaluate_main([f"{zoo}:build", "--attacks", "natural,fgsm", "--eps", "0.05", *argv])
     assert counted.calls == 0                                                    # all finished: nothing reruns
-    evaluate_main(argv + ["--eps", "0.1"])
-    assert counted.calls == 2 and json.load(open(tmp_path / "e.json"))["models"][0]["eps"] == 0.1
+    evaluate_main([f"{zoo}:build", "--attacks", "natural,fgsm", "--eps", "0.1", *argv])
+    assert counted.calls == 1                                   # fgsm at the new eps; natural reads no eps
+    evaluate_main([f"{zoo_b}:build", "--attacks", "natural", *argv])             # a second model, a smaller run
+    doc = json.load(open(out))
+    assert [(r["model"], r["eps"], list(r["accuracy"])) for r in doc["models"]] == [("zoo.py:build", 0.3, ["natural",
+                                                                                                            "avg"])]
+    first = next(w for w in doc["results"] if w != doc["models"][0]["weights"])
+    assert sorted(k.split(" on ")[0] for k in doc["results"][first] if " on " in k) == [
+        "fgsm eps=0.05", "fgsm eps=0.1", "natural"]                             # the first model's results stay
+    assert doc["results"][first]["model"]["source"] == f"{zoo}:build"
+
+
+def test_a_factory_is_known_by_the_weights_it_loads(natural_model, tmp_path, monkeypatch):
+    zoo, out = write_factory(tmp_path, natural_model), str(tmp_path / "e.json")
+    argv = [f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural", "--subset", "20", "--json", out]
+    evaluate_main(argv)
+    torch.save(other_model(natural_model).state_dict(), tmp_path / "natural.pt")    # same .py, new weights
+    counted = Interrupt()
+    monkeypatch.setattr(evaluate, "attack_correct", counted)
+    evaluate_main(argv)
+    assert counted.calls == 1 and len(stored(out)) == 2
+
+
+def test_the_weights_hash_sees_every_tensor_and_not_the_file():
+    f = models.build("mnist_cnn", "mnist")
+    same, other = models.build("mnist_cnn", "mnist"), models.build("mnist_cnn", "mnist")
+    same.load_state_dict(f.state_dict())
+    other.load_state_dict(f.state_dict())
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-6
+    assert checkpoints.weights_hash(same) == checkpoints.weights_hash(f) != checkpoints.weights_hash(other)
+    assert checkpoints.weights_hash(f) != checkpoints.weights_hash(f.double())              # the dtype counts
+
+
+def test_a_checkpoint_and_its_state_dict_share_their_results(checkpoint, tmp_path):
+    ckpt = torch.load(os.path.join(checkpoint, "best.pt"), weights_only=True)
+    torch.save(ckpt["model"], tmp_path / "sd.pt")
+    as_checkpoint = checkpoints.load_model(os.path.join(checkpoint, "best.pt"))
+    as_state_dict = checkpoints.load_model(str(tmp_path / "sd.pt"), "mnist", "mnist_cnn")
+    assert checkpoints.weights_hash(as_checkpoint["f"]) == checkpoints.weights_hash(as_state_dict["f"])
+
+
+def test_each_attack_is_keyed_by_the_settings_it_reads():
+    s = evaluate.settings_for("mnist", restarts=5, queries=100, batch_size=7)
+    assert evaluate.reads("natural", s) == {} and evaluate.reads("autoattack", s) == {"eps": 0.3, "seed": 0}
+    assert evaluate.reads("pgd20", s) == {"eps": 0.3, "alpha": 0.015, "restarts": 5, "seed": 0}
+    assert evaluate.reads("pgd20", {**s, "restarts": 1}) == {"eps": 0.3, "alpha": 0.015, "restarts": 1}
+    assert evaluate.reads("square", s) == {"eps": 0.3, "queries": 100, "seed": 0}
+    assert set(evaluate.reads("cw", s)) == {"cw_eps", "cw_alpha", "cw_steps", "kappa", "restarts", "seed"}
+    assert all(evaluate.reads(a, s) == evaluate.reads(a, {**s, "batch_size": 500}) for a in verdicts.NAMES)
+
+
+def test_restarts_rerun_only_the_attacks_that_restart(natural_model, tmp_path, monkeypatch):
+    zoo, out = write_factory(tmp_path, natural_model), str(tmp_path / "e.json")
+    argv = [f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural,fgsm,pgd20", "--subset", "20", "--json", out]
+    evaluate_main(argv)
+    counted = Interrupt()
+    monkeypatch.setattr(evaluate, "attack_correct", counted)
+    evaluate_main(argv + ["--restarts", "2"])
+    assert counted.calls == 1 and json.load(open(out))["models"][0]["complete"]       # pgd20 alone
+
+
+def test_a_smaller_run_reuses_the_first_images_and_a_larger_one_continues(natural_model, tmp_path, monkeypatch):
+    zoo, out = write_factory(tmp_path, natural_model), str(tmp_path / "e.json")
+    argv = [f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural,fgsm", "--batch-size", "20", "--json", out]
+    evaluate_main(argv + ["--subset", "40"])
+    counted = Interrupt()
+    monkeypatch.setattr(evaluate, "attack_correct", counted)
+    evaluate_main(argv + ["--subset", "20"])
+    assert counted.calls == 0 and {len(b) for b in bits_of(out).values()} == {40}       # reused, nothing cut
+    assert json.load(open(out))["models"][0]["n_test"] == 20
+    evaluate_main(argv + ["--subset", "60"])
+    assert counted.calls == 2 and {len(b) for b in bits_of(out).values()} == {60}       # the last batch of each
+
+
+def test_the_table_and_flags_cover_only_the_attacks_asked_for(natural_model, tmp_path, monkeypatch, capsys):
+    zoo, out = write_factory(tmp_path, natural_model), str(tmp_path / "e.json")
+    argv = [f"{zoo}:build", "--dataset", "mnist", "--subset", "20", "--eps", "0.02", "--json", out]
+    evaluate_main(argv + ["--attacks", "natural,pgd20", "--sanity"])
+    doc = json.load(open(out))
+    row, store = doc["models"][0], doc["results"]
+    key = evaluate.entry_key("square", evaluate.settings_for("mnist", 0.02, queries=100), row["test_set"])
+    store[row["weights"]][key] = {"bits": "0" * 20, "seconds": 1.0, "notes": []}      # Square broke everything
+    common.write_json(doc, out)
+    evaluate_main(argv + ["--attacks", "natural,pgd20"])
+    row = json.load(open(out))["models"][0]
+    assert row["flags"] == [] and "sanity" not in row and row["runs"] == ["natural", "pgd20"]
+    counted = Interrupt()
+    monkeypatch.setattr(evaluate, "attack_correct", counted)
+    evaluate_main(argv + ["--attacks", "natural,pgd20,square", "--queries", "100"])
+    row = json.load(open(out))["models"][0]
+    assert counted.calls == 0 and row["accuracy"]["square"] == 0.0                   # the stored Square, reused
+    assert len(row["flags"]) == 1 and "above Square 0.00%" in row["flags"][0]
+
+
+def test_natural_alone_runs_no_hidden_attack_and_masks_show_progress(checkpoint, tmp_path, monkeypatch, capsys):
+    calls = []
+    real = attacks.pgd
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    best = os.path.join(checkpoint, "best.pt")
+    evaluate_main([best, "--attacks", "natural", "--subset", "20", "--json", str(tmp_path / "e.json")])
+    assert calls == [] and "masks" not in json.load(open(tmp_path / "e.json"))["models"][0]
+    evaluate_main([best, "--attacks", "natural", "--subset", "20", "--save-masks", str(tmp_path / "m.png"),
+                   "--progress", "1e-3", "--batch-size", "10"])
+    assert calls[:2] == [10, 10] and re.search(r"masks: \d+/20 images", capsys.readouterr().out)
 
 
 # ============================================================================ the command line
@@ -521,7 +652,7 @@ def test_cli_end_to_end(trained, tmp_path):
     proc = run_cli("evaluate.py", os.path.join(trained, "best.pt"), "--attacks", "natural,fgsm,pgd20",
                    "--restarts", "2", "--subset", "50", "--json", result, "--save-masks", png, "--device", "cpu")
     numbers = json.load(open(result))
-    assert set(numbers) == {"models", "attacks", "command", "wall_seconds"} and len(numbers["models"]) == 1
+    assert set(numbers) == {"results", "models", "attacks", "command", "wall_seconds"} and len(numbers["models"]) == 1
     row = numbers["models"][0]
     acc = row["accuracy"]
     assert list(acc) == ["natural", "fgsm", "pgd20", "avg", "worst"] and set(row["stderr"]) == {"natural", "fgsm", "pgd20"}
@@ -573,6 +704,8 @@ def bad_input(case, ckpt, tmp):
         "bad subset": ([best, "--subset", "0"], "--subset 0"),
         "bad eps": ([best, "--eps", "0.1,0"], "(0, 1]"),
         "eps not a number": ([best, "--eps", "0.1,x"], "not a number"),
+        "eps, empty entry": ([best, "--eps", "0.1,,0.3"], "empty entry"),
+        "attacks, empty entry": ([best, "--attacks", "natural,,pgd20"], "empty entry"),
         "plot, one eps": ([best, "--eps", "0.3", "--plot", str(tmp / "c.png")], "two or more --eps"),
         "alpha unused": ([best, "--attacks", "natural,fgsm", "--alpha", "0.01"], "--alpha is the step"),
         "queries unused": ([best, "--attacks", "natural,pgd20", "--queries", "10"], "--queries applies to square"),
@@ -585,12 +718,13 @@ def bad_input(case, ckpt, tmp):
         "dataset mismatch": ([best, "--dataset", "cifar10"], "dataset mnist"),
         "arch mismatch": ([best, "--arch", "preact18"], "arch mnist_cnn"),
         "not CAT": ([str(tmp / "at.pt"), "--save-masks", str(tmp / "m.png")], "no mask network"),
-        "missing data": ([str(tmp / "cifar.pt"), "--data-dir", str(tmp / "empty")], "cifar10 not found"),
+        "missing data": ([str(tmp / "cifar.pt"), "--data-dir", str(tmp / "empty")], "cifar-10-batches-py"),
         "json folder": ([best, "--attacks", "natural", "--json", str(tmp / "no" / "e.json")], "does not exist"),
     }[case]
 
 
 @pytest.mark.parametrize("case", ["unknown attack", "unknown flag", "bad subset", "bad eps", "eps not a number",
+                                  "eps, empty entry", "attacks, empty entry",
                                   "plot, one eps", "alpha unused", "queries unused", "restarts unused", "progress",
                                   "missing", "truncated", "pickled object", "foreign", "dataset mismatch",
                                   "arch mismatch", "not CAT", "missing data", "json folder"])
@@ -604,6 +738,41 @@ def test_bad_input_one_line_exit_2_nothing_written(case, checkpoint, tmp_path, c
     assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
     assert not os.path.exists(tmp_path / "eval.json") and not os.path.exists(tmp_path / "m.png")
     assert not os.path.exists(tmp_path / "c.png") and not os.path.exists(tmp_path / "marker")   # the payload never ran
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00", b"[1, 2]", b'{"loss": 1}', b'{"results": []}', b"{"])
+def test_a_json_that_is_no_evaluation_is_refused_and_kept(content, checkpoint, tmp_path, capsys):
+    (tmp_path / "e.json").write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([os.path.join(checkpoint, "best.pt"), "--attacks", "natural", "--json", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "e.json is not" in err[0] and "left as it is" in err[0]
+    assert (tmp_path / "e.json").read_bytes() == content
+
+
+def test_older_shapes_are_converted_losing_nothing(natural_model, tmp_path, monkeypatch):
+    torch.save(natural_model.state_dict(), tmp_path / "sd.pt")
+    zoo, out, sd = write_factory(tmp_path, natural_model), tmp_path / "e.json", str(tmp_path / "sd.pt")
+    evaluate_main([f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural,fgsm", "--subset", "20", "--json", str(out)])
+    new = json.load(open(out))
+    row, bits = new["models"][0], bits_of(out)
+    old_row = {**row, "source": sd, "kind": "state_dict", "arch": None, "sha256": checkpoints.sha256(sd),
+               "correct": bits}                                     # the rows shape: per-image bits in each row
+    flat = {"natural": 95.0, "fgsm": 90.0, "checkpoint": "gone/best.pt", "dataset": "mnist", "n_test": 20}
+    with monkeypatch.context() as patch:                          # sd.pt holds the factory's net
+        patch.setattr(checkpoints, "load_model", lambda *a: {"f": natural_model})
+        store = evaluate.convert({"models": [old_row]}, evaluate.old_weights, lambda d: row["test_set"])
+    assert store[row["weights"]]["earlier"] == [{k: v for k, v in old_row.items() if k != "correct"}]
+    assert {k: e["bits"] for k, e in store[row["weights"]].items() if " on " in k} == \
+        {k: e["bits"] for k, e in new["results"][row["weights"]].items() if " on " in k}      # what a run stores
+    store = evaluate.convert(flat, evaluate.old_weights, lambda d: row["test_set"])
+    assert store == {"file ? gone/best.pt": {"model": {"source": "gone/best.pt", "kind": "checkpoint",
+                                                       "dataset": "mnist", "arch": None, "method": None,
+                                                       "epoch": None}, "earlier": [{**flat, "source": "gone/best.pt",
+                                                                                    "kind": "checkpoint"}]}}
+    out.write_text(json.dumps(flat))
+    evaluate_main([f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural", "--subset", "20", "--json", str(out)])
+    assert stored(out)["file ? gone/best.pt"]["earlier"][0]["fgsm"] == 90.0          # a later run keeps it
 
 
 def test_missing_pyautoattack_says_how_to_install(checkpoint, monkeypatch, capsys):
