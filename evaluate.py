@@ -43,10 +43,8 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import sys
-import threading
 import time
 
 import torch
@@ -223,96 +221,19 @@ def evaluate_split(f, split, names, s, progress=None):
     return correct, seconds
 
 
-# ============================================================================ progress
-
-def say(text):
-    """One line on stdout at once (the progress thread writes too)."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-class Progress:
-    """A line every `every` seconds while an attack runs, written by a background thread, since
-    one batch of an attack can take many minutes: the attack, test images done out of the total,
-    robust accuracy so far and the ETA."""
-
-    def __init__(self, every, log=say):
-        self.every, self.log = every, log
-
-    @contextlib.contextmanager
-    def running(self, what, total, done=0, n_correct=0):
-        self.what, self.total, self.state = what, total, (done, n_correct)
-        self.start, self.t0, stop = done, time.time(), threading.Event()
-        thread = threading.Thread(target=self._loop, args=(stop,), daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            stop.set()
-            thread.join()
-
-    def update(self, done, n_correct):
-        self.state = (done, n_correct)
-
-    def _loop(self, stop):
-        while not stop.wait(self.every):
-            self.log(self.line())
-
-    def line(self):
-        (done, n_correct), elapsed = self.state, time.time() - self.t0
-        new = done - self.start           # images done in this run (a resumed one starts later)
-        so_far = ("first batch running, " if not done else "" if n_correct is None      # None: mask statistics
-                  else f"{100 * n_correct / done:.2f}% robust so far, ")
-        eta = f"ETA {elapsed / new * (self.total - done):.0f} s" if new else "ETA after the first batch"
-        return f"  {self.what}: {done}/{self.total} images, {so_far}{elapsed:.0f} s, {eta}"
-
-
-@contextlib.contextmanager
-def autoattack_log(log, notes):
-    """AutoAttack's own progress (its logger's debug lines) shown as it runs, and its warnings
-    (the authors' checks: zero gradients, Square beating APGD, randomness) added to `notes`."""
-    logger, handler = logging.getLogger("auto-attack"), logging.Handler(logging.DEBUG)
-
-    def emit(record):
-        message = record.getMessage()
-        if record.levelno < logging.WARNING:
-            log(f"    AutoAttack: {message}")
-        elif message not in notes:
-            notes.append(message)
-
-    handler.emit, level = emit, logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-
 # ============================================================================ masks (Figure 2)
 
-def mask_sums(f, g, x, y, cfg):
-    """[sum of M, sum of M on bright pixels, bright pixels, pixels] over the batch x, where
-    delta = PGD-20(f, x) - x at the checkpoint's training eps and step (no random start) and
-    M = sigmoid(g(x + delta)) as in train.train_step; "bright" pixels have x > 0.5 (per channel)."""
+def calibration(f, g, x, y, cfg):
+    """(delta, M) of the images x: delta = PGD-20(f, x) - x at the checkpoint's training eps and step (no
+    random start), M = sigmoid(g(x + delta)) as in train.train_step."""
     delta = attacks.pgd(f, x, y, cfg["eps"], cfg["alpha"], 20) - x
     with torch.no_grad(), attacks.eval_mode(g):
-        mask = cat.mask_of(g(x + delta))
-    bright = (x > 0.5).float()
-    return [mask.sum().item(), (mask * bright).sum().item(), bright.sum().item(), mask.numel()]
-
-
-def mask_grid(f, g, x, y, cfg):
-    """The Figure-2 rows of the images x: x, x + delta, M and the calibrated x + M * delta (Eq. 10)."""
-    delta = attacks.pgd(f, x, y, cfg["eps"], cfg["alpha"], 20) - x
-    with torch.no_grad(), attacks.eval_mode(g):
-        mask = cat.mask_of(g(x + delta))
-    return torch.cat([x, x + delta, mask, cat.calibrate(x, delta, mask)]).cpu()
+        return delta, cat.mask_of(g(x + delta))
 
 
 def mask_stats(sums, cfg):
+    """Mean mask over all pixels, over bright ones (x > 0.5, per channel) and dark ones, from the sums
+    [sum of M, sum of M on bright pixels, bright pixels, pixels]."""
     m_all, m_bright, n_bright, n = sums
     stats = {"mean": m_all / n, "mean_bright": m_bright / max(n_bright, 1),
              "mean_dark": (m_all - m_bright) / max(n - n_bright, 1), "bright_fraction": n_bright / n}
@@ -328,13 +249,16 @@ def run_masks(m, split, images, store, args, progress, save):
     e = store[m["weights"]].setdefault(key, {"done": 0, "sums": [0.0, 0.0, 0.0, 0.0], "seconds": 0.0})
     with progress.running(f"{m['label']} masks", n, e["done"], None):
         for x, y in data.batches(split.take(slice(e["done"], None)), args.batch_size):
-            t0 = time.time()
-            e["sums"] = [a + b for a, b in zip(e["sums"], mask_sums(m["f"], m["g"], x, y, cfg))]
+            t0, (_, mask) = time.time(), calibration(m["f"], m["g"], x, y, cfg)
+            bright = (x > 0.5).float()
+            sums = [mask.sum().item(), (mask * bright).sum().item(), bright.sum().item(), mask.numel()]
+            e["sums"] = [a + b for a, b in zip(e["sums"], sums)]
             e.update(done=e["done"] + len(y), seconds=round(e["seconds"] + time.time() - t0, 1))
             progress.update(e["done"], None)
             save()
-    x, y = next(data.batches(split.take(slice(0, 8)), 8))
-    return mask_stats(e["sums"], cfg), mask_grid(m["f"], m["g"], x, y, cfg)
+    x, y = next(data.batches(split.take(slice(0, 8)), 8))        # Figure 2: x, x + delta, M, x_cali (Eq. 10)
+    delta, mask = calibration(m["f"], m["g"], x, y, cfg)
+    return mask_stats(e["sums"], cfg), torch.cat([x, x + delta, mask, cat.calibrate(x, delta, mask)]).cpu()
 
 
 # ============================================================================ the store
@@ -384,7 +308,7 @@ def convert(doc, weights_of, images_of):
 MODEL_KEYS = ("source", "kind", "dataset", "arch", "method", "epoch")
 
 
-def old_weights(row, data_dir="data"):
+def old_weights(row):
     """The weights of an old row: hashed from its checkpoint or state_dict when that file is still
     there (and, where the row has its sha256, unchanged); else the file named, which matches no run."""
     source = row.get("source") or ""
@@ -405,7 +329,7 @@ def attack_bits(name, m, split, s, images, store, progress, save):
             save()
 
         with progress.running(f"{m['label']} eps {s['eps']:.4g} {title(name)}", n, len(known_bits),
-                              known_bits.count("1")), autoattack_log(progress.log, e.setdefault("notes", [])):
+                              known_bits.count("1")), report.autoattack_log(progress.log, e.setdefault("notes", [])):
             attack_split(name, m["f"], split, s, known_bits, on_batch, progress)
         progress.log(f"  {title(name)}: {pct(from_bits(e['bits'][:n])):.2f}% ({e['seconds']:.1f} s)")
     return e
@@ -560,7 +484,7 @@ def load_everything(args, device):
 def evaluate_all(loaded, splits, args, store, rows, save):
     """Every model at every eps, each row appended to `rows` and renewed after each attack; returns
     the Figure-2 grid of the first model (for --save-masks, which takes one)."""
-    progress, grid = Progress(args.progress), None
+    progress, grid = report.Progress(args.progress), None
     for m in loaded:
         split, images = splits[m["dataset"]]
         store.setdefault(m["weights"], {}).setdefault("model", {k: m[k] for k in MODEL_KEYS})
@@ -568,10 +492,10 @@ def evaluate_all(loaded, splits, args, store, rows, save):
             s = settings_for(m["dataset"], eps, args.alpha, args.cw_steps, args.mt_steps, args.restarts or 1,
                              args.queries or 5000, args.seed, args.batch_size)
             runs = list(dict.fromkeys(["natural", *args.attacks, *(SANITY if args.sanity and k == 0 else ())]))
-            say(f"evaluating {m['source']} ({m['kind']}, {m['dataset']}, {m['arch']}, {m['method']}, epoch "
+            report.say(f"evaluating {m['source']} ({m['kind']}, {m['dataset']}, {m['arch']}, {m['method']}, epoch "
                 f"{m['epoch']}, weights {m['weights']}) at eps {s['eps']:.4g} on {len(split)} test images, "
                 f"{split.labels.device}")
-            say(f"settings: {json.dumps(s)}")
+            report.say(f"settings: {json.dumps(s)}")
             rows.append(make_row(m, s, split, images, runs, args.attacks, store))
             for name in runs:
                 attack_bits(name, m, split, s, images, store, progress, save)

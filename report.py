@@ -11,10 +11,15 @@ a column. Runs whose configs differ only in the seed (or in where and on what de
 form one group; the seeds table gives each number of a group as mean +- sd over its runs (sample
 standard deviation, n - 1), with n. Accuracies are in %.
 """
+import contextlib
 import csv
 import json
+import logging
 import math
 import os
+import sys
+import threading
+import time
 
 import checkpoints
 import common
@@ -324,6 +329,74 @@ def save_grid(rows, path):
     from torchvision.utils import make_grid, save_image
     grid = make_grid(rows, nrow=len(rows) // 4, padding=2, pad_value=1.0)
     common.write_atomic(path, lambda tmp: save_image(grid, tmp, format="png"))
+
+
+# ============================================================================ progress lines while evaluate.py runs
+
+def say(text):
+    """One line on stdout at once (the progress thread writes too)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+class Progress:
+    """A line every `every` seconds while an attack runs, written by a background thread, since
+    one batch of an attack can take many minutes: the attack, test images done out of the total,
+    robust accuracy so far and the ETA."""
+
+    def __init__(self, every, log=say):
+        self.every, self.log = every, log
+
+    @contextlib.contextmanager
+    def running(self, what, total, done=0, n_correct=0):
+        self.what, self.total, self.state = what, total, (done, n_correct)
+        self.start, self.t0, stop = done, time.time(), threading.Event()
+        thread = threading.Thread(target=self._loop, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
+    def update(self, done, n_correct):
+        self.state = (done, n_correct)
+
+    def _loop(self, stop):
+        while not stop.wait(self.every):
+            self.log(self.line())
+
+    def line(self):
+        (done, n_correct), elapsed = self.state, time.time() - self.t0
+        new = done - self.start           # images done in this run (a resumed one starts later)
+        so_far = ("first batch running, " if not done else "" if n_correct is None      # None: mask statistics
+                  else f"{100 * n_correct / done:.2f}% robust so far, ")
+        eta = f"ETA {elapsed / new * (self.total - done):.0f} s" if new else "ETA after the first batch"
+        return f"  {self.what}: {done}/{self.total} images, {so_far}{elapsed:.0f} s, {eta}"
+
+
+@contextlib.contextmanager
+def autoattack_log(log, notes):
+    """AutoAttack's own progress (its logger's debug lines) shown as it runs, and its warnings
+    (the authors' checks: zero gradients, Square beating APGD, randomness) added to `notes`."""
+    logger, handler = logging.getLogger("auto-attack"), logging.Handler(logging.DEBUG)
+
+    def emit(record):
+        message = record.getMessage()
+        if record.levelno < logging.WARNING:
+            log(f"    AutoAttack: {message}")
+        elif message not in notes:
+            notes.append(message)
+
+    handler.emit, level = emit, logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
 
 
 # ============================================================================ command line

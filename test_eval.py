@@ -17,6 +17,7 @@ import common
 import data
 import evaluate
 import models
+import report
 import verdicts
 from conftest import HERE, Payload, run_cli, tiny_cnn
 
@@ -454,7 +455,7 @@ def test_progress_lines_appear_while_an_attack_runs(natural_model, tmp_path, cap
 
 
 def test_progress_line_gives_done_accuracy_and_eta():
-    progress = evaluate.Progress(1e9, log=lambda line: None)
+    progress = report.Progress(1e9, log=lambda line: None)
     with progress.running("PGD-20", 1000, done=200, n_correct=180):
         progress.t0 -= 10                                   # 10 s in, 300 new images done
         progress.update(500, 450)
