@@ -48,6 +48,8 @@ ATTACK_LOSS = {"cent": "ce", "cw": "cw", "kl": "kl"}     # --attack name -> atta
 RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop_on_collapse", "compile"}
 # Settings newer than some saved runs, with the value those runs were trained with.
 BEFORE = {"attack_bn": "eval", "paper_exact": True}
+# Where and how a run ran, not what it trained: runs that differ only in these are seeds of one experiment (report.py).
+NOT_THE_EXPERIMENT = (RESUMABLE - {"epochs", "stop_on_collapse"}) | {"seed"}
 
 
 def build_parser():

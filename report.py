@@ -7,9 +7,13 @@ and the per-epoch curves of several runs in one PNG.
 
 A run is a train.py output folder (config.json or best.pt's config, metrics.jsonl and, with
 --eval, the evaluate.py JSON of that name in it) or a bare metrics.jsonl file. `label=run` names
-a column. Runs whose configs differ only in the seed (or in where and on what device they ran)
-form one group; the seeds table gives each number of a group as mean +- sd over its runs (sample
-standard deviation, n - 1), with n. Accuracies are in %.
+a column. Of the evaluation, the complete rows of the run's best.pt (by the hash of its weights)
+are taken; a folder without best.pt takes the rows of the one model its JSON holds. Runs whose
+configs differ only in config.NOT_THE_EXPERIMENT (the seed, where and on what device they ran) form
+one group; the seeds table gives each number of a group as mean +- sd over its runs (sample
+standard deviation, n - 1), n the values behind each cell, and says when seeds were evaluated on
+different numbers of test images. Accuracies are in %. evaluate.py prints its tables through the
+functions under "evaluation tables" below.
 """
 import contextlib
 import csv
@@ -25,41 +29,50 @@ import checkpoints
 import common
 import verdicts
 from common import OneLineParser, die
-
-# Config keys that do not change the experiment: runs that differ only in these are seeds of one setting.
-NOT_THE_EXPERIMENT = {"seed", "out", "resume", "overwrite", "device", "data_dir"}
+from config import NOT_THE_EXPERIMENT
 METHODS = {"at": "AT", "trades": "TRADES", "mart": "MART", "fat": "FAT"}
 
 
 # ============================================================================ reading runs
 
-def read_jsonl(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def read_json(path, lines=False):
+    """A JSON file (lines: the records of a JSON-lines file); a file that cannot be read is a
+    ValueError that names it."""
+    try:
+        with open(path) as fh:
+            return [json.loads(line) for line in fh if line.strip()] if lines else json.load(fh)
+    except (OSError, ValueError) as e:                # a binary file: UnicodeDecodeError, a ValueError
+        raise ValueError(f"{path}: {checkpoints.one_line(e)}") from None
 
 
 def read_config(folder):
     """A run folder's config: config.json, else the one saved in best.pt or last.pt; None if neither."""
     path = os.path.join(folder, "config.json")
     if os.path.isfile(path):
-        with open(path) as fh:
-            return json.load(fh)
+        return read_json(path)
     for name in ("best.pt", "last.pt"):
         if os.path.isfile(os.path.join(folder, name)):
             return checkpoints.load_checkpoint(os.path.join(folder, name))["config"]
     return None
 
 
-def eval_rows(path):
-    """The rows of an evaluate.py JSON ({"models": [...]}); a file written before that shape (one
-    flat model) is read as one row with its accuracies under "accuracy"."""
-    with open(path) as fh:
-        doc = json.load(fh)
-    if "models" in doc:
-        return doc["models"]
-    accuracy = {k: v for k, v in doc.items() if isinstance(v, (int, float)) and k not in ("n_test", "seed", "epoch",
-                                                                                          "seconds", "wall_seconds")}
-    return [{"accuracy": accuracy, "eps": doc.get("settings", {}).get("eps"), "n_test": doc.get("n_test")}]
+def eval_rows(path, folder):
+    """The complete rows of the evaluate.py JSON at `path` that belong to the run in `folder`: those of
+    its best.pt's weights, or, without a best.pt, all of them if they are of one model."""
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
+        raise ValueError(f"{path}: not an evaluate.py JSON (no \"models\" list)")
+    rows = [r for r in doc["models"] if isinstance(r, dict) and r.get("complete")]
+    best = os.path.join(folder, "best.pt")
+    if os.path.isfile(best):
+        try:
+            weights = checkpoints.weights_hash(checkpoints.load_model(best)["f"])
+        except checkpoints.CheckpointError as e:
+            raise ValueError(str(e) if best in str(e) else f"{best}: {e}") from None
+        return [r for r in rows if r.get("weights") == weights]
+    if len({r.get("weights") for r in rows}) > 1:
+        raise ValueError(f"{path}: evaluations of several models and no {best} to tell which is this run's")
+    return rows
 
 
 def read_run(arg, eval_name=None):
@@ -74,12 +87,13 @@ def read_run(arg, eval_name=None):
             found = os.path.join(path, eval_name)
             if not os.path.isfile(found):
                 die(f"{found}: no such evaluation; run evaluate.py with --json {found}, or drop --eval")
-            run["evals"] = eval_rows(found)
+            run["evals"] = eval_rows(found, path)
     else:
         die(f"{path}: neither a run folder nor a metrics.jsonl file")
     if not os.path.isfile(run["metrics"]):
         die(f"{run['metrics']}: no such file; pass a folder written by train.py")
-    return {**run, "label": label, "epochs": [r for r in read_jsonl(run["metrics"]) if "epoch" in r]}
+    records = read_json(run["metrics"], lines=True)
+    return {**run, "label": label, "epochs": [r for r in records if isinstance(r, dict) and "epoch" in r]}
 
 
 # ============================================================================ grouping and statistics
@@ -133,17 +147,17 @@ def best_epoch(epochs):
 
 
 def run_numbers(run):
-    """{column: value} of one run: best epoch and its validation numbers, then each evaluated
-    attack (and Worst) at each eps."""
+    """{column: (value, test images or None)} of one run: best epoch and its validation numbers, then
+    each evaluated attack (and Worst) at each eps."""
     numbers = {}
     best = best_epoch(run["epochs"])
     if best:
-        numbers.update({"best epoch": best["epoch"], "val natural": best["val_natural"],
-                        "val PGD-20": best["val_pgd20"]})
+        numbers.update({"best epoch": (best["epoch"], None), "val natural": (best["val_natural"], None),
+                        "val PGD-20": (best["val_pgd20"], None)})
     for row in run["evals"]:
-        for attack, value in row.get("accuracy", {}).items():
+        for attack, value in row["accuracy"].items():
             if attack != "avg":
-                numbers[(attack, row.get("eps"))] = value
+                numbers[(attack, row.get("eps"))] = (value, row.get("n_test"))
     return numbers
 
 
@@ -157,26 +171,37 @@ def column_name(col, several_eps):
     return f"{name} (eps {eps:g})" if several_eps and eps is not None else name
 
 
-def cell(values, digits):
+def cell(values, digits, n=None):
+    """mean ± sd of the values, with their number when it is below the n of the row."""
     if not values:
         return "-"
     mean, sd = mean_sd(values)
-    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+    return (f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+            + (f" (n={len(values)})" if n and len(values) < n else ""))
 
 
 def seeds_table(groups):
-    """Markdown: one line per group, each number as mean ± sd over the group's runs."""
+    """Markdown: one line per group, each number as mean ± sd over the group's runs; n, the values
+    behind each cell (a range when they differ, each cell below its top giving its own); then a
+    line for each number averaged over seeds evaluated on different numbers of test images."""
     numbers = [[run_numbers(r) for r in members] for _, members in groups]
     cols = list(dict.fromkeys(c for rows in numbers for row in rows for c in row))
     several_eps = len({c[1] for c in cols if isinstance(c, tuple)}) > 1
     head = ["run", "n", "seeds", *[column_name(c, several_eps) for c in cols]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines, notes = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], []
     for (label, members), rows in zip(groups, numbers):
         seeds = ", ".join(str((m["config"] or {}).get("seed", "-")) for m in members)
-        epoch_digits = 1 if len(members) > 1 else 0
-        cells = [cell([row[c] for row in rows if c in row], epoch_digits if c == "best epoch" else 2) for c in cols]
-        lines.append("| " + " | ".join([label, str(len(members)), seeds, *cells]) + " |")
-    return "\n".join(lines)
+        values = {c: [row[c] for row in rows if c in row] for c in cols}
+        counts = sorted({len(v) for v in values.values() if v})
+        n = counts[-1] if counts else 0
+        n_text = "0" if not counts else str(n) if len(counts) == 1 else f"{counts[0]}-{n}"
+        cells = [cell([v for v, _ in values[c]], (1 if len(members) > 1 else 0) if c == "best epoch" else 2, n)
+                 for c in cols]
+        lines.append("| " + " | ".join([label, n_text, seeds, *cells]) + " |")
+        notes += [f"{label}, {column_name(c, several_eps)}: seeds evaluated on different numbers of test images "
+                  f"({', '.join(str(k) for _, k in values[c])}); the mean mixes them"
+                  for c in cols if len({k for _, k in values[c]}) > 1]
+    return "\n".join(lines + [""] * bool(notes) + notes)
 
 
 def run_labels(groups):

@@ -1,24 +1,31 @@
 """The specification of report.py, as tests. Run: python -m pytest -q test_report.py"""
+import glob
 import json
 import math
+import os
 
 import pytest
+import torch
 
+import checkpoints
+import config
+import models
 import report
+from conftest import HERE
 
 
-def write_run(folder, seed, val, test, method="cat", eps=0.3, evaluation="eval.json"):
+def write_run(folder, seed, val, test, method="cat", eps=0.3, evaluation="eval.json", n_test=100, **cfg):
     """A train.py-like output folder: config.json, metrics.jsonl with one record per (natural,
     PGD-20, mask) in `val`, and an evaluate.py JSON with the accuracies `test` at `eps`."""
     folder.mkdir()
     config = {"dataset": "mnist", "method": method, "attack": "cw", "eps": eps, "seed": seed, "out": str(folder),
-              "device": "cpu", "epochs": len(val)}
+              "device": "cpu", "epochs": len(val), **cfg}
     (folder / "config.json").write_text(json.dumps(config))
     records = [{"epoch": i + 1, "val_natural": nat, "val_pgd20": rob, "mask": mask}
                for i, (nat, rob, mask) in enumerate(val)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    row = {"model": "best.pt", "eps": eps, "n_test": 100, "accuracy": test}
-    (folder / evaluation).write_text(json.dumps({"models": [row]}))
+    row = {"model": "best.pt", "weights": "w", "eps": eps, "n_test": n_test, "accuracy": test, "complete": True}
+    (folder / evaluation).write_text(json.dumps({"results": {}, "models": [row]}))
     return str(folder)
 
 
@@ -89,3 +96,66 @@ def test_a_missing_evaluation_is_one_line(tmp_path, capsys):
         report.main([run, "--eval", "nope.json"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "nope.json: no such evaluation" in err[0]
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path, capsys):
+    run = write_run(tmp_path / "r", 0, [(95.0, 80.0, 0.1)], {"pgd20": 90.0})
+    (tmp_path / "curve.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (tmp_path / "r" / "bad.json").write_text("{")
+    for argv, name in (([str(tmp_path / "curve.png")], "curve.png"), ([run, "--eval", "bad.json"], "bad.json")):
+        with pytest.raises(SystemExit) as exit_info:
+            report.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and f"{tmp_path}/{'r/' * (name == 'bad.json')}{name}: " \
+            in err[0], err
+
+
+def test_eval_rows_of_the_runs_best_pt_and_complete_only(tmp_path, capsys):
+    run = write_run(tmp_path / "r", 0, [(95.0, 80.0, 0.1)], {}, arch="mnist_cnn")
+    f = models.build("mnist_cnn", "mnist")
+    torch.save({"model": f.state_dict(), "config": json.load(open(tmp_path / "r" / "config.json")), "epoch": 1},
+               tmp_path / "r" / "best.pt")
+    mine = checkpoints.weights_hash(f)
+    rows = [{"weights": mine, "eps": 0.3, "n_test": 100, "accuracy": {"pgd20": 30.0}, "complete": True},
+            {"weights": "another model", "eps": 0.3, "n_test": 100, "accuracy": {"pgd20": 10.0}, "complete": True},
+            {"weights": mine, "eps": 0.3, "n_test": 100, "accuracy": {"pgd20": 20.0}, "complete": False}]
+    (tmp_path / "r" / "eval.json").write_text(json.dumps({"results": {}, "models": rows}))
+    report.main([run, "--eval", "eval.json"])
+    assert capsys.readouterr().out.splitlines()[2].endswith("| 30.00 |")
+    os.remove(tmp_path / "r" / "best.pt")                       # no best.pt to tell the two models apart
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([run, "--eval", "eval.json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "eval.json: evaluations of several models" in err[0]
+
+
+def test_n_counts_the_values_and_different_test_sizes_are_said(tmp_path, capsys):
+    val = [(95.0, 80.0, 0.1)]
+    runs = [write_run(tmp_path / "s0", 0, val, {"pgd20": 90.0}), write_run(tmp_path / "s1", 1, val, {"pgd20": 80.0},
+                                                                            n_test=50),
+            write_run(tmp_path / "s2", 2, val, {})]                  # seed 2: no evaluation
+    report.main([*runs, "--eval", "eval.json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| CAT_cw(0.3) | 2-3 | 0, 1, 2 | 1.0 ± 0.0 | 95.00 ± 0.00 | 80.00 ± 0.00 | 85.00 ± 7.07 (n=2) |"
+    assert lines[-1] == ("CAT_cw(0.3), PGD-20: seeds evaluated on different numbers of test images (100, 50); "
+                         "the mean mixes them")
+
+
+def test_where_a_run_ran_does_not_separate_experiments(tmp_path, capsys):
+    assert report.NOT_THE_EXPERIMENT is config.NOT_THE_EXPERIMENT and "seed" in config.NOT_THE_EXPERIMENT
+    assert not {"epochs", "eps", "method", "stop_on_collapse"} & config.NOT_THE_EXPERIMENT
+    val = [(95.0, 80.0, 0.1)]
+    a = write_run(tmp_path / "a", 0, val, {}, device="cuda", compile=True, data_dir="/data")
+    b = write_run(tmp_path / "b", 1, val, {}, device="cpu", compile=False, data_dir="data")
+    report.main([a, b])
+    assert "| CAT_cw(0.3) | 2 | 0, 1 |" in capsys.readouterr().out
+
+
+def test_the_committed_evaluations_have_the_one_shape():
+    paths = glob.glob(os.path.join(HERE, "results", "**", "eval*.json"), recursive=True)
+    assert len(paths) >= 15
+    for path in paths:
+        doc = json.load(open(path))
+        assert isinstance(doc["results"], dict) and doc["models"], path
+        assert all(r["weights"] in doc["results"] and r["complete"] for r in doc["models"]), path
+        assert report.eval_rows(path, os.path.dirname(path)) == doc["models"], path     # of the folder's best.pt
