@@ -75,6 +75,7 @@ READS = {"natural": (), "fgsm": ("eps",), "pgd": ("eps", "alpha"), "pgd10rs": ("
          "apgd-ce": ("eps",), "apgd-t": ("eps",), "square": ("eps", "queries"), "autoattack": ("eps",),
          "eps0": (), "large_eps": ("large_eps", "large_alpha", "large_steps")}
 RANDOM = {"pgd10rs", "cw", "apgd-ce", "apgd-t", "square", "autoattack"}
+MODEL_KEYS = ("source", "kind", "dataset", "arch", "method", "epoch")     # what results[weights]["model"] says
 
 
 def settings_for(dataset, eps=None, alpha=None, cw_steps=None, mt_steps=None, restarts=1, queries=5000, seed=0,
@@ -270,22 +271,6 @@ def test_set_id(dataset, test):
     return f"{dataset} test {digest.hexdigest()[:12]}"
 
 
-def read_store(path):
-    """The JSON at `path` as written by evaluate.py ({} when there is none); anything else is
-    refused in one line, before any compute, and left as it is."""
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError) as e:
-        die(f"{path} is not readable JSON ({checkpoints.one_line(e)}); choose another --json, it is left as it is")
-    if not isinstance(doc, dict) or not ({"results", "models", "checkpoint"} & set(doc)) or \
-            not isinstance(doc.get("results", {}), dict) or not isinstance(doc.get("models", []), list):
-        die(f"{path} is not an evaluation written by evaluate.py; choose another --json, it is left as it is")
-    return doc
-
-
 def convert(doc, weights_of, images_of):
     """The store of a JSON in an older shape: {"models": [rows with per-image bits in "correct"]} or one
     flat model. Each row's bits become entries; the row itself (bits aside) and a flat file whole are kept
@@ -293,7 +278,7 @@ def convert(doc, weights_of, images_of):
     if "results" in doc:
         return doc["results"]
     store = {}
-    for row in doc.get("models") or [{**doc, "source": doc.get("checkpoint"), "kind": "checkpoint"}]:
+    for row in doc["models"] if "models" in doc else [{**doc, "source": doc["checkpoint"], "kind": "checkpoint"}]:
         mine = store.setdefault(weights_of(row), {"model": {k: row.get(k) for k in MODEL_KEYS}})
         s = {**settings_for(row["dataset"]), **row.get("settings", {})}
         for name, bits in row.get("correct", {}).items():
@@ -305,9 +290,6 @@ def convert(doc, weights_of, images_of):
     return store
 
 
-MODEL_KEYS = ("source", "kind", "dataset", "arch", "method", "epoch")
-
-
 def old_weights(row):
     """The weights of an old row: hashed from its checkpoint or state_dict when that file is still
     there (and, where the row has its sha256, unchanged); else the file named, which matches no run."""
@@ -317,6 +299,28 @@ def old_weights(row):
             arch = row.get("arch") if row.get("kind") == "state_dict" else None
             return checkpoints.weights_hash(checkpoints.load_model(source, row.get("dataset"), arch)["f"])
     return f"file {row.get('sha256', '?')[:16]} {source}"
+
+
+def open_store(path, args, splits):
+    """The store in the JSON at `path` ({} when there is none; older shapes converted). A file that is no
+    evaluation is refused in one line, before any attack runs, and left as it is."""
+    if not path or not os.path.exists(path):
+        return {}
+    ids = {dataset: images for dataset, (_, images) in splits.items()}
+
+    def images_of(dataset):                      # the test set of a dataset no model of this run uses
+        if dataset not in ids:
+            with contextlib.suppress(data.DataError):
+                ids[dataset] = test_set_id(dataset, data.load_test(dataset, args.data_dir, log=lambda *_: None))
+        return ids.get(dataset, f"{dataset} test")
+
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        with open(path) as fh:
+            doc = json.load(fh)
+        store = convert(doc, old_weights, images_of)
+        if isinstance(doc.get("models", []), list) and all(isinstance(v, dict) for v in store.values()):
+            return store
+    die(f"{path} is not an evaluation written by evaluate.py; choose another --json, it is left as it is")
 
 
 def attack_bits(name, m, split, s, images, store, progress, save):
@@ -512,11 +516,8 @@ def main(argv=None):
     device = common.pick_device(args.device)
     torch.backends.fp32_precision = "ieee"            # full fp32: no TF32 in matmuls or convolutions
     need_packages(args)
-    doc = read_store(args.json)                       # a bad file is refused before any compute
     loaded, splits = load_everything(args, device)
-    ids = {dataset: images for dataset, (_, images) in splits.items()}
-    store, rows = convert(doc, old_weights, lambda d: ids.get(d) or test_set_id(d, data.load_test(d, args.data_dir))) \
-        if doc else {}, []
+    store, rows = open_store(args.json, args, splits), []         # a bad file is refused before any attack
 
     def save():
         if args.json:

@@ -387,7 +387,7 @@ def test_a_state_dict_with_dataset_and_arch(tmp_path, capsys):
     row = json.load(open(tmp_path / "e.json"))["models"][0]
     assert (row["kind"], row["arch"], row["dataset"], row["n_test"]) == ("state_dict", "mnist_cnn", "mnist", 20)
     with torch.no_grad():
-        x, y = next(data.batches(data.load("mnist", os.path.join(HERE, "data"))[2].take(torch.arange(20)), 20))
+        x, y = next(data.batches(data.load_test("mnist", os.path.join(HERE, "data")).take(torch.arange(20)), 20))
         assert row["accuracy"]["natural"] == pytest.approx(100 * (f(x).argmax(1) == y).float().mean().item())
 
 
@@ -741,7 +741,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, checkpoint, tmp_path, c
     assert not os.path.exists(tmp_path / "c.png") and not os.path.exists(tmp_path / "marker")   # the payload never ran
 
 
-@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00", b"[1, 2]", b'{"loss": 1}', b'{"results": []}', b"{"])
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00", b"[1, 2]", b'{"loss": 1}', b'{"results": []}', b"{",
+                                     b'{"results": {"w": 3}}', b'{"models": [{"model": "no dataset"}]}'])
 def test_a_json_that_is_no_evaluation_is_refused_and_kept(content, checkpoint, tmp_path, capsys):
     (tmp_path / "e.json").write_bytes(content)
     with pytest.raises(SystemExit) as exit_info:
