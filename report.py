@@ -1,5 +1,6 @@
-"""Tables and pictures from finished runs: mean +- sd over seeds, the per-epoch validation table,
-and the per-epoch curves of several runs in one PNG.
+"""Every table and picture: from finished runs, mean +- sd over seeds, the per-epoch validation table
+and the per-epoch curves of several runs in one PNG; for evaluate.py, its table, CSV, eps curve,
+Figure-2 grid and progress lines (it prints through this file; this file imports no entry script).
 
     python report.py runs/cat_s0 runs/cat_s1 runs/cat_s2 runs/at_s0 runs/at_s1 --eval eval.json
     python report.py results/mnist_at_0.3 results/mnist_cat_cw_0.3 --epochs --curves curves.png
@@ -12,8 +13,7 @@ are taken; a folder without best.pt takes the rows of the one model its JSON hol
 configs differ only in config.NOT_THE_EXPERIMENT (the seed, where and on what device they ran) form
 one group; the seeds table gives each number of a group as mean +- sd over its runs (sample
 standard deviation, n - 1), n the values behind each cell, and says when seeds were evaluated on
-different numbers of test images. Accuracies are in %. evaluate.py prints its tables through the
-functions under "evaluation tables" below.
+different numbers of test images. Accuracies are in %.
 """
 import contextlib
 import csv
