@@ -5,9 +5,10 @@
 
 Timed: `train.train_step` in the runtime's autocast, with train.py's nets and runtime, on one fixed
 synthetic batch; each method has its training defaults except one batch size and T for all (CAT's unless
-given). Per method and dtype: --warmup calls, then --iters calls round-robin (order reversed every other
-round, so outside load falls on all alike), the device synchronised around each. Hooks on f and g_phi
-count the passes of one more, untimed step.
+given); fp32 rows are IEEE fp32, never TF32, as in train.py (train.Runtime calls common.exact_fp32). Per
+method and dtype: --warmup calls, then --iters calls round-robin (order reversed every other round, so
+outside load falls on all alike), the device synchronised around each. Hooks on f and g_phi count the
+passes of one more, untimed step.
 """
 import argparse
 import collections

@@ -1,7 +1,6 @@
 """Plumbing shared by the entry scripts (train.py, evaluate.py, bench.py): one-line errors, the '8/255'
-number type, device choice, atomic writes, and the paper's test-time attack with
-the one function that scores a model under it. The method (cat.py, attacks.py, models.py, data.py)
-does not import this file.
+number type, device choice, exact fp32, atomic writes, and the paper's test-time attack settings.
+The method (cat.py, attacks.py, models.py, data.py) does not import this file.
 """
 import argparse
 import json
@@ -10,10 +9,6 @@ import pathlib
 import sys
 
 import torch
-
-import attacks
-import data
-import models
 
 # The paper's test-time attacks (Sec. 5.1.1), in [0, 1] pixel units: PGD without random start,
 # eps 0.3 / step 0.015 on MNIST and 8/255 / 0.003 on CIFAR; CW-inf as in FAT (30 steps, kappa 50).
@@ -53,11 +48,11 @@ def pick_device(choice="auto", index=0):
     return torch.device("cuda", index) if choice != "cpu" and torch.cuda.is_available() else torch.device("cpu")
 
 
-def bf16_available(device):
-    """bf16 autocast pays off: any recent GPU, or a CPU with AVX512-BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def exact_fp32():
+    """IEEE fp32 in every matmul and convolution (cuBLAS, cuDNN, oneDNN): no TF32, which torch uses for
+    cuDNN convolutions by default and which rounds their inputs to 10 mantissa bits. bf16 autocast regions
+    still run in bf16; everything outside them is the fp32 the paper's numbers assume."""
+    torch.backends.fp32_precision = "ieee"
 
 
 def write_atomic(path, write):
@@ -72,22 +67,5 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
-def save_atomic(obj, path):
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
 def write_json(obj, path):
     write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
-
-
-def score(f, split, dataset, steps=20, batch_size=500):
-    """[natural correct, PGD-`steps` correct, n] of classifier f on `split` under the paper's test
-    attack for `dataset` (no random start), f in eval mode, no autocast."""
-    s, correct_nat, correct_adv = TEST_ATTACK[dataset], 0, 0
-    with attacks.eval_mode(f), torch.autocast(split.images.device.type, enabled=False):
-        for x, y in data.batches(split, batch_size):
-            x_adv = attacks.pgd(f, x, y, s["eps"], s["alpha"], steps)
-            with torch.no_grad():
-                correct_nat += (f(x).argmax(1) == y).sum().item()
-                correct_adv += (f(x_adv).argmax(1) == y).sum().item()
-    return [correct_nat, correct_adv, len(split)]

@@ -4,6 +4,7 @@ method, and the checks that refuse an impossible or idle flag in one line.
     cfg = config.parse_config(["--dataset", "cifar10", "--attack", "cw"])   # a plain dict, every default filled
 """
 import argparse
+import math
 import os
 
 import common
@@ -44,8 +45,10 @@ METHOD_DEFAULTS = {
 
 METHODS = sorted({method for method, _ in METHOD_DEFAULTS})        # each has its loss in train.LOSSES
 ATTACK_LOSS = {"cent": "ce", "cw": "cw", "kl": "kl"}     # --attack name -> attacks.pgd(loss=...)
-# Flags a resumed run may change; any other flag must match the run being resumed.
+# Flags a resumed run may change when typed; any other typed flag must match the run being resumed, and an
+# untyped one keeps the run's saved value. ALWAYS come from the command line, typed or not.
 RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop_on_collapse", "compile"}
+ALWAYS = {"out", "resume", "overwrite"}
 # Settings newer than some saved runs, with the value those runs were trained with.
 BEFORE = {"attack_bn": "eval", "paper_exact": True}
 # Where and how a run ran, not what it trained: runs that differ only in these are seeds of one experiment (report.py).
@@ -76,14 +79,15 @@ def build_parser():
     a("--steps", type=int, help="PGD steps T of the training attack. default: 20 (mnist), 10 (cifar)")
     a("--kappa", type=float, help="CW confidence for --attack cw, in logits. default: 150 (mnist), 50 (cifar)")
     a("--start", type=common.fraction, help="radius of the uniform random start of the training attack, pixel "
-      "units. default: eps (the paper); the authors' MNIST code uses 0.1")
+      "units, at most eps. default: eps (the paper); the authors' MNIST code uses 0.1")
     a("--attack-bn", choices=["train", "eval"], help="mode of f's batch norm and dropout in the training attack and "
       "in CAT's g_phi update (Eq. 14): train = batch statistics, running statistics updated by each forward (the CAT "
       "authors' and Madry et al.'s code); eval = running statistics, frozen (TRADES', MART's and FAT's code). "
       "default: train (cat, at), eval (trades, mart, fat)")
     a("--tau-milestones", type=int, nargs="*", help="FAT: tau (steps allowed after misclassification) grows by 1 "
       "after each of these epochs. default: 50 90 (cifar)")
-    a("--epochs", type=int, help="default: 40 (mnist), 140 (cifar10), 120 (cifar100)")
+    a("--epochs", type=int, help="default: 40 (mnist), 140 (cifar10), 120 (cifar100); with --resume, the run's "
+      "own (type a larger one to lengthen the run)")
     a("--batch-size", type=int, help="global batch (split across DDP processes). default: 100 (mnist), 128 (cifar)")
     a("--optimizer", choices=["adam", "sgd"], help="for both networks. default: adam (mnist), sgd (cifar)")
     a("--lr", type=float, help="initial learning rate of both networks. default: 1e-3 (mnist), 0.1 (cifar)")
@@ -97,13 +101,16 @@ def build_parser():
     a("--subset", type=int, help="train on the first N examples of a seeded shuffle of the training split")
     a("--val-size", type=int, default=1000, help="held-out training examples used to pick best.pt")
     a("--out", default="runs/cat", help="output folder: last.pt, best.pt, metrics.jsonl, config.json")
-    a("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    a("--resume", action="store_true", help="continue the run in --out exactly where it stopped, with its own "
+      "settings: flags left out keep the run's values; only --epochs, --device, --data-dir, --compile and "
+      "--stop-on-collapse may differ")
     a("--overwrite", action="store_true", help="replace a run already in --out")
     a("--stop-on-collapse", action="store_true",
       help="stop when validation PGD-20 accuracy falls below half its best (catastrophic overfitting)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--amp", default="auto", choices=["auto", "bf16", "fp32"],
-      help="bf16 autocast for training (evaluation is always fp32); auto = bf16 where the hardware has it")
+      help="bf16 autocast for training, or IEEE fp32 (never TF32); validation is always IEEE fp32. auto = bf16 on a "
+      "GPU that has it or a CPU with native bf16 (avx512_bf16 / amx_bf16); config.json records the choice")
     a("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC memory format")
     a("--compile", action="store_true", help="torch.compile both networks (checkpoints hold the plain ones)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
@@ -126,6 +133,8 @@ def parse_config(argv=None):
             cfg[key] = value
     if cfg["alpha"] is None:
         cfg["alpha"] = cfg["eps"] / 20
+    if cfg["start"] is None:                # the paper's random start: the whole eps-ball
+        cfg["start"] = cfg["eps"]
     problem = check_config(cfg)
     if problem:
         parser.error(problem)
@@ -135,17 +144,28 @@ def parse_config(argv=None):
 def check_config(cfg):
     """The first impossible value, or typed flag that would do nothing, as a sentence with its fix; or None."""
     flag, typed = (lambda key: "--" + key.replace("_", "-")), cfg.get("explicit", ())
+    bad = [key for key, v in cfg.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        return f"{flag(bad[0])} {cfg[bad[0]]} must be a finite number"
     if cfg["arch"] not in models.CLASSIFIERS[cfg["dataset"]]:
         return (f"--arch {cfg['arch']} does not fit --dataset {cfg['dataset']}: use "
                 f"{' or '.join(models.CLASSIFIERS[cfg['dataset']])}")
     if not 0 < cfg["eps"] <= 1:
         return f"--eps {cfg['eps']} must be in (0, 1] pixel units, e.g. 0.3 or 8/255"
     for keys, ok, rule in [(("alpha", "start", "lr"), lambda v: v > 0, "> 0"),
-                           (("beta", "beta1", "kappa"), lambda v: v >= 0, ">= 0"),
+                           (("beta", "beta1", "kappa", "momentum", "weight_decay"), lambda v: v >= 0, ">= 0"),
                            (("steps", "epochs", "batch_size", "subset", "val_size"), lambda v: v >= 1, ">= 1")]:
         bad = [key for key in keys if cfg[key] is not None and not ok(cfg[key])]
         if bad:
             return f"{flag(bad[0])} {cfg[bad[0]]} must be {rule}"
+    for key in ("milestones", "tau_milestones"):
+        bad = [m for m in cfg[key] if m < 1]
+        if bad:
+            return f"{flag(key)} {bad[0]} must be >= 1 (the epochs after which the change happens)"
+    for key, why in (("alpha", "one PGD step"), ("start", "the random start")):
+        if cfg[key] is not None and cfg[key] > cfg["eps"]:
+            return (f"{flag(key)} {cfg[key]:g} is larger than --eps {cfg['eps']:g}: {why} would reach past the "
+                    f"eps-ball; pass a {flag(key)} of at most {cfg['eps']:g}")
     if cfg["method"] != "cat" and not (cfg["mask"] and cfg["weighted_ce"]):
         return "--no-mask and --no-weighted-ce are ablations of --method cat"
     if cfg["resume"] and cfg["overwrite"]:
@@ -165,13 +185,26 @@ def check_config(cfg):
 
 
 def resumed(cfg, saved):
-    """The config of a resumed run: `saved` (its checkpoint's), with only the RESUMABLE flags taken from the
-    command line; a typed flag that would change the run gets one line and exit 2."""
+    """The config of a resumed run: `saved` (its checkpoint's) for every flag left untyped, so that the run
+    keeps its own length, dataset and schedule; a typed RESUMABLE flag replaces the saved value, and any
+    other typed flag must agree with it, or one line and exit 2. Saved configs older than today's may hold
+    "amp": "auto" and "start": null (now resolved when a run starts); they agree with any --amp and eps."""
+    old = as_today(saved)
     for key in cfg["explicit"]:
-        if key not in RESUMABLE and saved.get(key) != cfg[key]:
-            common.die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({saved.get(key)}); "
+        if key not in RESUMABLE and not (cfg[key] == old.get(key) or key == "amp" and "auto" in (cfg[key], old["amp"])):
+            common.die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({old.get(key)}); "
                        "drop the flag, or start a new run with another --out")
-    return {**cfg, **BEFORE, **saved, **{k: cfg[k] for k in RESUMABLE}, "explicit": cfg["explicit"]}
+    typed = {k: cfg[k] for k in cfg["explicit"] if not (k == "amp" and cfg[k] == "auto")}
+    return {**cfg, **old, **typed, **{k: cfg[k] for k in ALWAYS}, "explicit": cfg["explicit"]}
+
+
+def as_today(saved):
+    """A config saved by an older train.py in today's terms: BEFORE's values for settings newer than it, and
+    the random start's radius resolved (null meant eps). "amp": "auto" stays: what it chose was not saved."""
+    old = {**BEFORE, **saved}
+    if old.get("start") is None and "eps" in old:
+        old["start"] = old["eps"]
+    return old
 
 
 def uses_mask(cfg):

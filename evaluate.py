@@ -514,7 +514,7 @@ def main(argv=None):
     t_start = time.time()
     args = parse_args(argv)
     device = common.pick_device(args.device)
-    torch.backends.fp32_precision = "ieee"            # full fp32: no TF32 in matmuls or convolutions
+    common.exact_fp32()                               # full fp32: no TF32 in matmuls or convolutions
     need_packages(args)
     loaded, splits = load_everything(args, device)
     store, rows = open_store(args.json, args, splits), []         # a bad file is refused before any attack

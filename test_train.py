@@ -3,10 +3,13 @@ Ctrl-C, the collapse and non-finite guards, whole runs in a subprocess and under
 the attacks on a trained model and as property tests. Tests marked slow take seconds each;
 python -m pytest -q -m "not slow" skips them.
 """
+import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +19,6 @@ from hypothesis import given, settings, strategies as st
 import attacks
 import cat
 import checkpoints
-import common
 import config
 import data
 import train
@@ -38,6 +40,18 @@ BAD_FLAGS = [
     (["--attack", "cw", "--kappa", "-1"], "--kappa -1.0 must be >= 0"), (["--batch-size", "0"], "--batch-size 0"),
     (["--subset", "0"], "--subset 0 must be >= 1"), (["--val-size", "0"], "--val-size 0 must be >= 1"),
     (["--resume", "--overwrite"], "exclude each other"),
+    (["--optimizer", "sgd", "--momentum", "-1"], "--momentum -1.0 must be >= 0"),
+    (["--optimizer", "sgd", "--weight-decay", "-1"], "--weight-decay -1.0 must be >= 0"),
+    (["--milestones", "-5"], "--milestones -5 must be >= 1"),
+    (["--method", "fat", "--tau-milestones", "0"], "--tau-milestones 0 must be >= 1"),
+    (["--alpha", "0.9"], "--alpha 0.9 is larger than --eps 0.3"),
+    (["--alpha", "0.9", "--start", "0.9"], "is larger than --eps 0.3"),
+    (["--start", "0.31"], "--start 0.31 is larger than --eps 0.3"),
+    (["--dataset", "cifar10", "--eps", "1/255"], "--alpha 0.00784314 is larger than --eps"),  # 2/255 by default
+    # non-finite numbers are refused before anything starts
+    (["--optimizer", "sgd", "--weight-decay", "nan"], "--weight-decay nan must be a finite number"),
+    (["--lr", "inf"], "--lr inf must be a finite number"), (["--eps", "nan"], "--eps nan must be a finite"),
+    (["--beta=-inf"], "--beta -inf must be a finite number"),
     # typed flags that would do nothing in this combination
     (["--method", "at", "--beta1", "0.3"], "--beta1"), (["--no-mask", "--beta1", "0.3"], "--beta1"),
     (["--momentum", "0.9"], "--momentum"), (["--weight-decay", "5e-4"], "--weight-decay"),
@@ -79,6 +93,102 @@ def test_missing_and_corrupt_data_get_one_line(tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+def refuse_to_load(monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the run started")
+    monkeypatch.setattr(data, "load", no_training)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "not writable"])
+def test_an_out_that_cannot_be_a_folder_gets_one_line(where, tmp_path, capsys, monkeypatch):
+    refuse_to_load(monkeypatch)
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    out = {"a file": blocker, "under a file": blocker / "run", "not writable": tmp_path / "ro" / "run"}[where]
+    if where == "not writable":                       # root writes anywhere: the check's answer is faked
+        (tmp_path / "ro").mkdir()
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: p != str(tmp_path / "ro") and real_access(p, mode))
+    code, err = in_process(TINY + ["--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and f"--out {out}" in err[0], err
+    assert blocker.read_text() == "mine" and not os.path.exists(tmp_path / "ro" / "run")
+
+
+def fake_splits(n_train, n_val, source=None):
+    """data.load's answer without the files: (train, val, test) of blank MNIST-shaped images."""
+    def load(*args, **kwargs):
+        split = lambda n: data.Split(torch.zeros(n, 1, 28, 28, dtype=torch.uint8), torch.zeros(n, dtype=torch.long))
+        train_split = split(n_train)
+        if source is not None:
+            train_split.source = source
+        return train_split, split(n_val), split(10)
+    return load
+
+
+@pytest.mark.parametrize("flags,needle", [(["--val-size", "100000"], "--val-size 100000 is more than the 50 images"),
+                                          (["--subset", "100000"], "--subset 100000 is more than the 100 images")])
+def test_sizes_beyond_the_split_are_refused(flags, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load", fake_splits(100, 50))          # the loader gives what the split has
+    monkeypatch.setattr(train, "run_epoch", lambda *a: pytest.fail(f"{flags} were accepted"))
+    out = str(tmp_path / "never")
+    code, err = in_process(TINY + flags + ["--out", out], capsys)
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not os.path.exists(out)
+
+
+# ============================================================================ resume: whose settings
+
+def saved_config(*flags):
+    """The config a run started with `flags` saves (config.json, the checkpoint's)."""
+    cfg = config.parse_config(list(flags))
+    return {k: v for k, v in cfg.items() if k != "explicit"}
+
+
+def test_a_resumed_run_keeps_every_setting_not_typed():
+    saved = saved_config("--dataset", "cifar10", "--method", "trades", "--epochs", "7", "--milestones", "5",
+                         "--lr", "0.05", "--amp", "fp32", "--out", "runs/c")
+    saved["data_source"] = "somewhere"
+    cfg = config.resumed(config.parse_config(["--out", "runs/c", "--resume"]), saved)
+    assert {k: v for k, v in cfg.items() if k not in config.ALWAYS | {"explicit"}} == \
+        {k: v for k, v in saved.items() if k not in config.ALWAYS}
+    assert cfg["resume"] and not cfg["overwrite"]
+    longer = config.resumed(config.parse_config(["--out", "runs/c", "--resume", "--epochs", "9"]), saved)
+    assert (longer["epochs"], longer["milestones"], longer["dataset"]) == (9, [5], "cifar10")
+
+
+def test_a_run_saved_before_resolved_values_resumes(capsys):
+    saved = {**saved_config("--amp", "auto"), "amp": "auto", "start": None}    # as config.json held them
+    for typed in (["--amp", "fp32"], ["--amp", "auto"], ["--start", "0.3"], ["--eps", "0.3"]):
+        cfg = config.resumed(config.parse_config(["--resume"] + typed), saved)
+        assert cfg["start"] == 0.3 and cfg["amp"] == ("fp32" if typed == ["--amp", "fp32"] else "auto")
+    new = saved_config("--amp", "bf16")
+    assert config.resumed(config.parse_config(["--resume", "--amp", "auto"]), new)["amp"] == "bf16"
+    with pytest.raises(SystemExit):
+        config.resumed(config.parse_config(["--resume", "--start", "0.1"]), saved)
+    assert "--start 0.1 differs from the run being resumed (0.3)" in capsys.readouterr().err
+
+
+# ============================================================================ runtime: precision
+
+@pytest.mark.parametrize("flags,native", [("fpu avx512f avx512bw", False), ("avx512f avx512_bf16", True),
+                                          ("avx2 amx_bf16 amx_tile", True), (None, False)])
+def test_auto_picks_bf16_only_on_a_cpu_that_has_it(flags, native, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert train.bf16_available(torch.device("cpu"), str(cpuinfo)) is native
+
+
+def test_the_runtime_records_its_precision_and_is_ieee_fp32(monkeypatch):
+    torch.backends.fp32_precision = "tf32"
+    for native in (False, True):
+        monkeypatch.setattr(train, "bf16_available", lambda device: native)
+        rt = train.Runtime(config.parse_config(["--device", "cpu"]))
+        assert rt.bf16 is native
+    assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.mkldnn.conv.fp32_precision == "ieee"
+
+
 @pytest.mark.slow
 def test_bad_flag_from_the_shell_has_no_traceback(tmp_path):
     proc = run_cli("train.py", "--eps", "2", "--out", str(tmp_path / "x"), check=False)
@@ -88,22 +198,22 @@ def test_bad_flag_from_the_shell_has_no_traceback(tmp_path):
 
 # ============================================================================ checkpoints and resume
 
-def test_save_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "last.pt")
-    common.save_atomic({"model": torch.ones(3)}, path)
-    real_save = torch.save
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
 
-    def broken_save(obj, f):                     # writes half a file, then dies
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half")
-        raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        common.save_atomic({"model": torch.zeros(3)}, path)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert torch.equal(torch.load(path, weights_only=True)["model"], torch.ones(3))
-    assert os.listdir(tmp_path) == ["last.pt"]
+def test_resume_makes_metrics_agree_with_last_pt(tmp_path):
+    line = lambda epoch: json.dumps({"epoch": epoch, "val_pgd20": 50.0 + epoch})
+    ckpt = {"epoch": 2, "metrics": json.loads(line(2))}
+    write_lines(tmp_path / "metrics.jsonl", [line(1), line(2), line(3), '{"epoch": 4, "val'])   # ahead of last.pt
+    train.reconcile_metrics(str(tmp_path), ckpt)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [line(1), line(2)]
+    write_lines(tmp_path / "metrics.jsonl", [line(1)])              # behind: the line is in the checkpoint
+    train.reconcile_metrics(str(tmp_path), ckpt)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [line(1), line(2)]
+    os.remove(tmp_path / "metrics.jsonl")
+    train.reconcile_metrics(str(tmp_path), {"epoch": 0, "metrics": None})       # stopped in epoch 1
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
 def test_resume_refuses_a_checkpoint_with_code(tmp_path, capsys):
@@ -132,12 +242,73 @@ def test_resume_refuses_a_foreign_dict(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "not a train.py checkpoint" in err[0]
 
 
-def one_epoch_run(tmp_path, capsys):
+def one_epoch_run(tmp_path, capsys, *flags):
     """A finished one-epoch run: (its --out folder, the bytes of its last.pt)."""
     out = str(tmp_path / "run")
-    train.main(TINY + ["--epochs", "1", "--out", out])
+    train.main(TINY + ["--epochs", "1", "--out", out, *flags])
     capsys.readouterr()
     return out, open(os.path.join(out, "last.pt"), "rb").read()
+
+
+def epochs_in(out):
+    return [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumed_without_flags_trains_nothing(tmp_path, capsys, monkeypatch):
+    out, before = one_epoch_run(tmp_path, capsys)
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["amp"] in ("fp32", "bf16") and saved["start"] == saved["eps"] == 0.3     # what ran
+    monkeypatch.setattr(train, "run_epoch", lambda *a: pytest.fail("a finished run trained again"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", out, "--resume"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert e.value.code == 0 and len(printed) == 1 and "has finished: 1 epochs trained" in printed[0]
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before
+    assert json.load(open(os.path.join(out, "config.json"))) == saved
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_previous_format_resumes_with_its_own_schedule(tmp_path, capsys, monkeypatch):
+    """last.pt as train.py wrote it before config.json held resolved values ("amp": "auto", "start": null,
+    no "data_source"), of a 2-epoch run with lr / 10 after epoch 1, stopped after epoch 1: resumed with
+    no flags, it trains epoch 2 at lr 1e-4 and stops."""
+    out, _ = one_epoch_run(tmp_path, capsys)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    old = {k: v for k, v in ckpt["config"].items() if k != "data_source"}
+    torch.save({**ckpt, "config": {**old, "amp": "auto", "start": None, "epochs": 2, "milestones": [1]}},
+               os.path.join(out, "last.pt"))
+    real_run_epoch = train.run_epoch
+
+    def run_epoch(nets, train_split, cfg, rt, state, stop):
+        assert state.epoch <= 2, "trained past the run's own --epochs"
+        real_run_epoch(nets, train_split, cfg, rt, state, stop)
+    monkeypatch.setattr(train, "run_epoch", run_epoch)
+    train.main(["--out", out, "--resume"])
+    assert "run ETA" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["epoch"] for r in records] == [1, 2] and records[1]["lr"] == pytest.approx(1e-4)
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert (saved["epochs"], saved["milestones"], saved["start"]) == (2, [1], 0.3) and saved["amp"] != "auto"
+
+
+@pytest.mark.slow
+def test_the_data_source_is_recorded_and_not_compared(tmp_path, capsys, monkeypatch):
+    real_load = data.load
+
+    def load_from(source):
+        def load(*args, **kwargs):
+            splits = real_load(*args, **kwargs)
+            splits[0].source = source
+            return splits
+        return load
+    monkeypatch.setattr(data, "load", load_from("first copy"))
+    out, _ = one_epoch_run(tmp_path, capsys)
+    assert json.load(open(os.path.join(out, "config.json")))["data_source"] == "first copy"
+    monkeypatch.setattr(data, "load", load_from("second copy"))
+    train.main(["--out", out, "--resume", "--epochs", "2"])
+    assert json.load(open(os.path.join(out, "config.json")))["data_source"] == "second copy"
+    assert epochs_in(out) == [1, 2]
 
 
 @pytest.mark.slow
@@ -174,6 +345,9 @@ def test_resume_is_bit_identical(tmp_path):
         sa, sb = straight_ckpt[key]["state"], split_ckpt[key]["state"]
         assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
     assert len(open(os.path.join(split, "metrics.jsonl")).readlines()) == 2
+    with pytest.raises(SystemExit) as e:                    # the bare form: now finished, nothing to do
+        train.main(["--out", split, "--resume"])
+    assert e.value.code == 0 and epochs_in(split) == [1, 2]
 
 
 @pytest.mark.slow
@@ -193,9 +367,33 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path):
     assert "--resume" in out
     ckpt = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
     assert ckpt["epoch"] == 0 and 0 < ckpt["step"] < 40
-    run_cli(*args, "--out", cut, "--resume")
+    run_cli("train.py", "--out", cut, "--resume")             # as printed: the run keeps its own flags
     assert_same_weights(os.path.join(straight, "last.pt"), os.path.join(cut, "last.pt"))
 
+
+
+# ============================================================================ progress
+
+def test_validation_reports_progress_and_stops_at_a_ctrl_c(monkeypatch):
+    monkeypatch.setattr(train, "PROGRESS_S", -1)            # a line after every batch but the last
+    cfg = config.parse_config(["--device", "cpu"])
+    torch.manual_seed(0)
+    f = train.build_nets(cfg).f
+    val = data.Split(torch.randint(0, 256, (25, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (25,)))
+    lines, stop = [], SimpleNamespace(set=False)
+    rt = SimpleNamespace(log=lines.append)
+    counts = train.validate(f, val, cfg, rt, stop, 3, steps=1, batch_size=10)
+    assert counts[2] == 25 and 0 <= counts[1] <= counts[0] <= 25
+    assert [line.split(" ETA")[0] for line in lines] == ["epoch 3 validation [10/25]", "epoch 3 validation [20/25]"]
+    stop.set = True                                          # a Ctrl-C: no counts, after the batch in progress
+    assert train.validate(f, val, cfg, rt, stop, 3, steps=1, batch_size=10) is None
+
+
+def test_the_run_eta_counts_the_epochs_left_and_their_validation():
+    cfg = {"epochs": 3}
+    state = train.State(epoch=2, step=1, record={"epoch": 1, "val_seconds": 10.0})
+    assert train.run_eta(cfg, state, 4, 1.0) == "0m27s"           # 3 + 4 batches at 1/s, two validations of 10 s
+    assert train.run_eta(cfg, train.State(epoch=1), 4, 2.0) == "0m06s + validation"    # none measured yet
 
 
 # ============================================================================ guards
@@ -209,7 +407,7 @@ def test_collapse_detection():
 @pytest.mark.slow
 def test_stop_on_collapse_keeps_best(tmp_path, monkeypatch, capsys):
     history = iter([[40, 30, 50], [45, 2, 50], [46, 1, 50]])     # PGD-20 falls from 60% to 4%
-    monkeypatch.setattr(common, "score", lambda *a, **k: next(history))
+    monkeypatch.setattr(train, "validate", lambda *a, **k: next(history))
     out = str(tmp_path / "run")
     train.main(TINY + ["--epochs", "3", "--out", out, "--stop-on-collapse"])
     printed = capsys.readouterr().out
@@ -234,11 +432,75 @@ def test_a_healthy_mask_is_not_warned_about(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    out, before = one_epoch_run(tmp_path, capsys)
+def test_ctrl_c_in_validation_saves_a_run_that_validates_again(tmp_path, capsys, monkeypatch):
+    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
+    train.main(TINY + ["--epochs", "1", "--amp", "fp32", "--out", straight])
+    real_pgd = attacks.pgd
+
+    def pgd(model, *args, **kwargs):               # Ctrl-C in validation's first batch (f in eval mode only there)
+        if not model.training:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_pgd(model, *args, **kwargs)
+    monkeypatch.setattr(attacks, "pgd", pgd)
+    code, _ = in_process(TINY + ["--epochs", "1", "--amp", "fp32", "--out", cut], capsys)
+    monkeypatch.setattr(attacks, "pgd", real_pgd)
+    ckpt = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
+    assert code == 130 and (ckpt["epoch"], ckpt["step"]) == (0, 2)       # both batches trained, not validated
+    assert not os.path.exists(os.path.join(cut, "metrics.jsonl"))
+    train.main(["--out", cut, "--resume"])
+    assert "resuming" in capsys.readouterr().out
+    assert_same_weights(os.path.join(straight, "last.pt"), os.path.join(cut, "last.pt"))
+    lines = [json.loads(open(os.path.join(run, "metrics.jsonl")).read()) for run in (straight, cut)]
+    for line in lines:
+        del line["seconds"], line["val_seconds"], line["images_per_s"]
+    assert lines[0] == lines[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["torch.save", "os.replace"])
+def test_a_full_disk_at_the_end_of_an_epoch_is_one_line_and_resumable(where, tmp_path, capsys, monkeypatch):
+    out, epoch = str(tmp_path / "run"), {"now": 0}
+    real_run_epoch, real_save, real_replace = train.run_epoch, torch.save, os.replace
+
+    def run_epoch(nets, train_split, cfg, rt, state, stop):
+        epoch["now"] = state.epoch
+        real_run_epoch(nets, train_split, cfg, rt, state, stop)
+
+    def full_disk(real):
+        def call(a, b, *args, **kwargs):               # torch.save(obj, tmp) or os.replace(tmp, path)
+            if epoch["now"] == 2 and ".pt" in str(b):  # the checkpoints of epoch 2 find the disk full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(a, b, *args, **kwargs)
+        return call
+    monkeypatch.setattr(train, "run_epoch", run_epoch)
+    monkeypatch.setattr(torch, "save", full_disk(real_save)) if where == "torch.save" else \
+        monkeypatch.setattr(os, "replace", full_disk(real_replace))
+    code, err = in_process(TINY + ["--epochs", "2", "--out", out], capsys)
+    assert code == 1 and len(err) == 1 and "could not write" in err[0] and "No space left" in err[0], err
+    assert sorted(os.listdir(out)) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]    # no temp file
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1 and epochs_in(out) == [1]
+    monkeypatch.undo()
+    train.main(["--out", out, "--resume"])
+    assert epochs_in(out) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_in_a_new_run_says_nothing_is_saved(tmp_path, capsys):
+    out, _ = one_epoch_run(tmp_path, capsys)
     code, err = in_process(TINY + ["--epochs", "1", "--out", out, "--overwrite", "--optimizer", "sgd",
                                    "--lr", "1e30", "--amp", "fp32"], capsys)
     assert code == 1 and len(err) == 1 and "non-finite loss at epoch 1 step" in err[0]
+    assert "nothing of this run is saved" in err[0] and not os.path.exists(os.path.join(out, "last.pt"))
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_keeps_the_last_good_checkpoint_and_says_what_it_holds(tmp_path, capsys, monkeypatch):
+    out, before = one_epoch_run(tmp_path, capsys)
+    real_loss = train.LOSSES["cat"]
+    monkeypatch.setitem(train.LOSSES, "cat", lambda *a: [t * float("nan") for t in real_loss(*a)])
+    code, err = in_process(["--out", out, "--resume", "--epochs", "2"], capsys)
+    assert code == 1 and len(err) == 1 and "non-finite loss at epoch 2 step 1" in err[0]
+    assert "last.pt holds the run at the end of epoch 1" in err[0]
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
 
 
@@ -304,9 +566,9 @@ def test_ddp_two_cpu_processes(tmp_path):
 # each process scores its half of the validation split: together PGD-20 falls from 60% to 4%
 COLLAPSING_RUN = """import sys
 sys.path.insert(0, {here!r})
-import common, train
+import train
 history = iter([[20, 15, 25], [22, 1, 25], [23, 1, 25]])
-common.score = lambda *a, **k: next(history)
+train.validate = lambda *a, **k: next(history)
 train.main(sys.argv[1:])
 """
 

@@ -18,6 +18,8 @@ the runtime (device, dtype, compile, DDP) and the loop, in that order.
 import json
 import math
 import os
+import pathlib
+import shlex
 import signal
 import sys
 import time
@@ -73,7 +75,7 @@ def perturb(f, x, y, cfg, epoch=1):
     forward updates the running ones) or "eval" (TRADES', MART's, FAT's). Its parameters are frozen meanwhile:
     the attack needs input gradients only, and a compiled f would otherwise compute every weight gradient T times."""
     args = (f, x, y, cfg["eps"], cfg["alpha"], cfg["steps"])
-    kw = dict(loss=config.ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"], random_start=cfg["start"] or True,
+    kw = dict(loss=config.ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"], random_start=cfg["start"],
               train_mode=cfg["attack_bn"] == "train")
     with attacks.frozen(f):
         if cfg["method"] == "fat":
@@ -128,6 +130,21 @@ def mask_step(nets, x, y, delta, z, mask, cfg):
 
 # ============================================================================ runtime: device, dtype, compile, DDP
 
+def bf16_available(device, cpuinfo="/proc/cpuinfo"):
+    """Whether bf16 autocast pays off: a GPU that supports it, or a CPU with native bf16 instructions
+    (avx512_bf16 or amx_bf16 among the flags in /proc/cpuinfo). oneDNN also runs bf16 on plain AVX-512 by
+    emulating it, measured 3x slower than fp32 (MNIST CAT, one thread): that counts as no, and so does a
+    CPU whose flags cannot be read (no /proc/cpuinfo)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open(cpuinfo) as fh:
+            flags = {word for line in fh if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 class Runtime:
     """The one place that decides device, autocast dtype, memory format, compile and DDP."""
 
@@ -135,12 +152,13 @@ class Runtime:
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         self.main = self.rank == 0
         self.device = common.pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
+        common.exact_fp32()             # --amp fp32 and validation are IEEE fp32, never TF32
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
         if self.world > 1:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and common.bf16_available(self.device))
+        self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and bf16_available(self.device))
         self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
 
     def autocast(self):
@@ -184,6 +202,9 @@ class Runtime:
 
 # ============================================================================ the loop: state, checkpoints, epochs
 
+PROGRESS_S = 30                     # seconds between progress lines, in training and in validation
+
+
 @dataclass
 class State:
     """Where a run stands, in one place: the loop moves it on, last.pt stores it."""
@@ -192,22 +213,59 @@ class State:
     sums: dict = field(default_factory=dict)     # logged name -> sum over those batches
     seconds: float = 0.0            # their training time
     best: dict = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "pgd20": 0.0})  # % on val
+    record: dict = None             # metrics.jsonl's line of the last epoch completed
+    saved: tuple = None             # (epochs completed, batches of the next) that last.pt holds; None: no last.pt
 
 
 def checkpoint(nets, cfg, state):
     """Everything a run needs to continue: plain state_dicts, optimizers, RNG, progress.
-    epoch: epochs completed; step, partial: batches of epoch+1 already done and their sums."""
+    epoch: epochs completed; step, partial: batches of epoch+1 already done and their sums;
+    metrics: metrics.jsonl's line of epoch `epoch`, so that a resume can write it if it is missing."""
     partial = {"sums": {k: float(v) for k, v in state.sums.items()}, "seconds": state.seconds} if state.step else {}
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     return {"model": nets.f.state_dict(), "mask": nets.g.state_dict() if nets.g else None,
             "opt_f": nets.opt_f.state_dict(), "opt_g": nets.opt_g.state_dict() if nets.g else None,
             "config": {k: v for k, v in cfg.items() if k != "explicit"}, "epoch": state.epoch - 1,
-            "step": state.step, "partial": partial, "best": dict(state.best), "rng": rng}
+            "step": state.step, "partial": partial, "best": dict(state.best), "rng": rng, "metrics": state.record}
+
+
+def save(obj, path, state=None):
+    """checkpoints.save, or one line naming the file and exit 1 (a full disk, a vanished folder); the copy
+    already there stays intact. With `state`, remember that last.pt now holds it."""
+    try:
+        checkpoints.save(obj, path)
+    except checkpoints.CheckpointError as e:
+        common.die(str(e), 1)
+    if state is not None:
+        state.saved = (obj["epoch"], obj["step"])
+
+
+def on_disk(out, state):
+    """What last.pt holds, said for an error message."""
+    last = os.path.join(out, "last.pt")
+    if state.saved is None or not os.path.isfile(last):
+        return f"nothing of this run is saved ({last} does not exist)"
+    epoch, step = state.saved
+    return f"{last} holds the run at " + (f"batch {step} of epoch {epoch + 1}" if step else f"the end of epoch {epoch}")
+
+
+def check_out(out):
+    """One line and exit 2 unless --out is a folder, or can be made one, that this process may write in."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):         # the deepest part of the path that exists
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(out) else f"lies under the file {path}"
+        common.die(f"--out {out} {where}, not a folder; choose another --out")
+    if not os.access(path, os.W_OK | os.X_OK):
+        common.die(f"--out {out}: {path} is not writable; choose another --out")
 
 
 def open_run(cfg):
     """(cfg, None) for a new run, refusing an --out that holds one unless --overwrite; with --resume, the
-    resumed run's config (see config.resumed) and its checkpoint."""
+    resumed run's config (see config.resumed) and its checkpoint. A finished run resumed without a larger
+    --epochs says so and exits 0."""
+    check_out(cfg["out"])
     last = os.path.join(cfg["out"], "last.pt")
     if not cfg["resume"]:
         if os.path.exists(last) and not cfg["overwrite"]:
@@ -220,7 +278,13 @@ def open_run(cfg):
         ckpt = checkpoints.load_checkpoint(last)
     except checkpoints.CheckpointError as e:
         common.die(f"--resume: {e}")
-    return config.resumed(cfg, ckpt["config"]), ckpt
+    cfg = config.resumed(cfg, ckpt["config"])
+    if ckpt["epoch"] >= cfg["epochs"]:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{cfg['out']} has finished: {ckpt['epoch']} epochs trained, --epochs {cfg['epochs']}; nothing "
+                  f"to do (to train longer, resume with a larger --epochs)", flush=True)
+        sys.exit(0)
+    return cfg, ckpt
 
 
 def restore(nets, ckpt):
@@ -238,7 +302,26 @@ def restore(nets, ckpt):
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     partial = ckpt["partial"]
     return State(ckpt["epoch"] + 1, ckpt["step"], dict(partial.get("sums", {})), partial.get("seconds", 0.0),
-                 ckpt["best"])
+                 ckpt["best"], ckpt.get("metrics"), (ckpt["epoch"], ckpt["step"]))
+
+
+def reconcile_metrics(out, ckpt):
+    """metrics.jsonl as last.pt has it: lines of epochs the checkpoint has not completed go (a crash after the
+    line was written and before last.pt was), and so does a half-written line; the checkpoint's own epoch's
+    line is added if it is missing (a crash between writing last.pt and the line)."""
+    path, lines = os.path.join(out, "metrics.jsonl"), []
+    with suppress(FileNotFoundError):
+        lines = open(path).read().splitlines()
+    records = []
+    for line in lines:
+        with suppress(ValueError):
+            records.append(json.loads(line))
+    kept = [r for r in records if isinstance(r, dict) and r.get("epoch", math.inf) <= ckpt["epoch"]]
+    last = ckpt.get("metrics")
+    if last and last["epoch"] == ckpt["epoch"] and all(r["epoch"] != last["epoch"] for r in kept):
+        kept.append(last)
+    if [json.dumps(r) for r in kept] != lines:
+        common.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
 
 def fmt_time(seconds):
@@ -262,7 +345,7 @@ class StopFlag:
         if self.set:
             raise KeyboardInterrupt
         self.set = True
-        print("\nstopping after this step and saving; press Ctrl-C again to abort without saving", flush=True)
+        print("\nstopping after this batch and saving; press Ctrl-C again to abort without saving", flush=True)
 
 
 def has_collapsed(best_pgd20, pgd20):
@@ -271,14 +354,24 @@ def has_collapsed(best_pgd20, pgd20):
     return best_pgd20 >= 10 and pgd20 < best_pgd20 / 2
 
 
+def batches_per_epoch(n_train, cfg, rt):
+    return math.ceil(math.ceil(n_train / rt.world) / max(1, cfg["batch_size"] // rt.world))
+
+
 def setup(argv):
     """(cfg, rt, nets, train, val, state) of a new run, or of the run in --out with --resume."""
     cfg, ckpt = open_run(config.parse_config(argv))
     rt = Runtime(cfg)
+    cfg["amp"] = "bf16" if rt.bf16 else "fp32"             # what runs, not "auto"
     try:
         train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=rt.log)
     except data.DataError as e:
         common.die(str(e))
+    cfg["data_source"] = getattr(train, "source", None)     # where the images came from; not a flag
+    for key, split, n in (("val_size", "validation", len(val)), ("subset", "training", len(train))):
+        if (cfg[key] or 0) > n:
+            common.die(f"--{key.replace('_', '-')} {cfg[key]} is more than the {n} images of the {cfg['dataset']} "
+                       f"{split} split; pass at most {n}")
     if cfg["subset"]:
         shuffle = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))
         train = train.take(shuffle[:cfg["subset"]])
@@ -288,19 +381,29 @@ def setup(argv):
     nets, state = build_nets(cfg), State()
     if ckpt is not None:
         state = restore(nets, ckpt)
-        rt.log(f"resuming {cfg['out']} at epoch {state.epoch}" + (f", batch {state.step + 1}" if state.step else ""))
-    else:
-        os.makedirs(cfg["out"], exist_ok=True)
-        for name in ("metrics.jsonl", "best.pt") if rt.main else ():          # --overwrite: no stale results
-            with suppress(FileNotFoundError):
-                os.remove(os.path.join(cfg["out"], name))
+        if rt.main:
+            reconcile_metrics(cfg["out"], ckpt)
+        where = ("its validation" if state.step == batches_per_epoch(len(train), cfg, rt) else
+                 f"batch {state.step + 1}" if state.step else "")
+        rt.log(f"resuming {cfg['out']} at epoch {state.epoch}" + (f", {where}" if where else ""))
+    elif rt.main:
+        try:
+            os.makedirs(cfg["out"], exist_ok=True)
+            for name in ("metrics.jsonl", "best.pt", "last.pt"):        # --overwrite: nothing of the old run
+                with suppress(FileNotFoundError):
+                    os.remove(os.path.join(cfg["out"], name))
+        except OSError as e:
+            common.die(f"--out {cfg['out']}: {checkpoints.one_line(e)}")
     rt.wrap(nets, cfg)
     saved = {k: v for k, v in sorted(cfg.items()) if k != "explicit"}
     rt.log("config:", json.dumps(saved))
     rt.log(f"device {rt.device}, {'bf16 autocast' if rt.bf16 else 'fp32'}, processes {rt.world}, "
            f"train {len(train)} / val {len(val) * rt.world} examples")
     if rt.main:
-        common.write_json(saved, os.path.join(cfg["out"], "config.json"))
+        try:
+            common.write_json(saved, os.path.join(cfg["out"], "config.json"))
+        except OSError as e:
+            common.die(f"could not write {os.path.join(cfg['out'], 'config.json')} ({checkpoints.one_line(e)})", 1)
     return cfg, rt, nets, train, val, state
 
 
@@ -313,7 +416,7 @@ def run_epoch(nets, train, cfg, rt, state, stop):
             group["lr"] = lr
     order = torch.Generator().manual_seed(cfg["seed"] * 100003 + state.epoch)  # data order = f(seed, epoch)
     local_batch = max(1, cfg["batch_size"] // rt.world)
-    n_batches = math.ceil(math.ceil(len(train) / rt.world) / local_batch)
+    n_batches = batches_per_epoch(len(train), cfg, rt)
     step_losses = torch.zeros(n_batches, device=rt.device)                     # checked without a sync per step
     state.sums = {k: torch.tensor(v, device=rt.device) for k, v in state.sums.items()}
     start, seconds, t0 = state.step, state.seconds, time.time()
@@ -327,67 +430,114 @@ def run_epoch(nets, train, cfg, rt, state, stop):
         for k, v in logs.items():
             state.sums[k] = state.sums.get(k, 0.0) + v.float()
         state.seconds = seconds + time.time() - t0
-        if time.time() - last_print > 30 or state.step == n_batches or stop.set:
+        if time.time() - last_print > PROGRESS_S or state.step == n_batches or stop.set:
             bad = (~torch.isfinite(step_losses[:state.step])).nonzero()
             if len(bad):
                 common.die(f"non-finite loss at epoch {state.epoch} step {bad[0].item() + 1}; stopped without "
-                           f"saving, {os.path.join(cfg['out'], 'last.pt')} still holds the last good state "
-                           "(try a lower --lr or --amp fp32)", 1)
+                           f"saving: {on_disk(cfg['out'], state)} (a new run with a lower --lr or --amp fp32 "
+                           "may avoid it)", 1)
             last_print = time.time()
             rate = (state.step - start) / (last_print - t0)                           # steps per second
-            rt.log(f"epoch {state.epoch} [{state.step}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, "
-                   f"epoch ETA {fmt_time((n_batches - state.step) / rate)}, " +
+            rt.log(f"epoch {state.epoch} [{state.step}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, epoch ETA "
+                   f"{fmt_time((n_batches - state.step) / rate)}, run ETA {run_eta(cfg, state, n_batches, rate)}, " +
                    " ".join(f"{k} {v.item() / state.step:.4f}" for k, v in state.sums.items()))
         if stop.set:
             break
 
 
-def end_epoch(nets, val, cfg, rt, state, n_train):
-    """Validate, then choose best.pt and decide on a collapse from the all-reduced counts, so that every DDP
-    process decides alike; rank 0 writes metrics.jsonl, best.pt and last.pt. Moves state on to the next epoch;
-    returns whether robust accuracy collapsed."""
-    nat, rob, n = rt.all_sum(common.score(nets.f, val, cfg["dataset"]))
+def run_eta(cfg, state, n_batches, rate):
+    """Time to the end of the run at `rate` steps per second, with each validation taking as long as the last
+    one did; before the first one, its time is not known and the text says so."""
+    val_s = (state.record or {}).get("val_seconds")
+    left = cfg["epochs"] - state.epoch
+    seconds = ((n_batches - state.step) + left * n_batches) / rate + (left + 1) * (val_s or 0.0)
+    return fmt_time(seconds) + (" + validation" if val_s is None else "")
+
+
+def validate(f, val, cfg, rt, stop, epoch, steps=20, batch_size=500):
+    """[natural correct, PGD-`steps` correct, n] of classifier f on this process's share of the validation
+    split under the paper's test attack (no random start), f in eval mode and IEEE fp32 (Runtime called
+    common.exact_fp32; no autocast); None as soon as a Ctrl-C asks to stop. A progress line every PROGRESS_S."""
+    s, correct_nat, correct_adv, done = common.TEST_ATTACK[cfg["dataset"]], 0, 0, 0
+    t0 = last_print = time.time()
+    with attacks.eval_mode(f), torch.autocast(val.images.device.type, enabled=False):
+        for x, y in data.batches(val, batch_size):
+            x_adv = attacks.pgd(f, x, y, s["eps"], s["alpha"], steps)
+            with torch.no_grad():
+                correct_nat += (f(x).argmax(1) == y).sum().item()
+                correct_adv += (f(x_adv).argmax(1) == y).sum().item()
+            done += len(y)
+            if stop.set:
+                return None
+            if time.time() - last_print > PROGRESS_S and done < len(val):
+                last_print = time.time()
+                rt.log(f"epoch {epoch} validation [{done}/{len(val)}] "
+                       f"ETA {fmt_time((len(val) - done) * (last_print - t0) / done)}")
+    return [correct_nat, correct_adv, len(val)]
+
+
+def end_epoch(nets, counts, val_seconds, cfg, rt, state, n_train):
+    """From the all-reduced validation counts (so that every DDP process decides alike): choose best.pt and
+    decide on a collapse; rank 0 writes best.pt, then last.pt, then metrics.jsonl's line, so the line is never
+    ahead of last.pt. Moves state on to the next epoch; returns whether robust accuracy collapsed."""
+    nat, rob, n = counts
     nat, rob = 100 * nat / n, 100 * rob / n
     epoch, best = state.epoch, state.best
     record = {"epoch": epoch, "lr": nets.opt_f.param_groups[0]["lr"],
-              **{k: round(v.item() / state.step, 5) for k, v in state.sums.items()},
+              **{k: round(float(v) / state.step, 5) for k, v in state.sums.items()},
               "val_natural": round(nat, 2), "val_pgd20": round(rob, 2), "seconds": round(state.seconds, 1),
-              "images_per_s": round(n_train / state.seconds, 1)}
+              "val_seconds": round(val_seconds, 1), "images_per_s": round(n_train / state.seconds, 1)}
     collapsed = has_collapsed(best["pgd20"], rob)
     improved = nat + rob > best["score"]
     if improved:
         best.update(score=nat + rob, epoch=epoch)
     best["pgd20"] = max(rob, best["pgd20"])
-    state.epoch, state.step, state.sums, state.seconds = epoch + 1, 0, {}, 0.0
-    rt.log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% ({fmt_time(record['seconds'])})" +
+    state.epoch, state.step, state.sums, state.seconds, state.record = epoch + 1, 0, {}, 0.0, record
+    rt.log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% (train {fmt_time(record['seconds'])}, "
+           f"validation {fmt_time(val_seconds)})" +
            ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
     if not 0.01 <= record.get("mask", 0.5) <= 0.99:
         rt.log(f"WARNING: the mean mask was {record['mask']:.4f} over epoch {epoch}: x_cali is "
                f"{'x' if record['mask'] < 0.01 else 'x + delta'}, so this is not CAT (the mask collapse; see README)")
     if rt.main:
-        with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        ckpt = {**checkpoint(nets, cfg, state), "metrics": record}
+        ckpt = checkpoint(nets, cfg, state)
         if improved:
-            common.save_atomic(ckpt, os.path.join(cfg["out"], "best.pt"))
-        common.save_atomic(ckpt, os.path.join(cfg["out"], "last.pt"))
+            save(ckpt, os.path.join(cfg["out"], "best.pt"))
+        save(ckpt, os.path.join(cfg["out"], "last.pt"), state)
+        path = os.path.join(cfg["out"], "metrics.jsonl")
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as e:
+            common.die(f"could not add epoch {epoch} to {path} ({checkpoints.one_line(e)}); last.pt holds it "
+                       "and --resume writes the line", 1)
     return collapsed
+
+
+def stop_and_save(nets, cfg, rt, state):
+    """After a Ctrl-C: last.pt holds the run as it stands (in validation: all batches trained, so a resume
+    validates again), the resume command is printed, exit 130."""
+    last = os.path.join(cfg["out"], "last.pt")
+    if rt.main:
+        save(checkpoint(nets, cfg, state), last, state)
+    rt.log(f"saved {last} at epoch {state.epoch}, batch {state.step}; continue with: "
+           f"python train.py --out {shlex.quote(cfg['out'])} --resume")
+    sys.exit(130)
 
 
 def main(argv=None):
     stop = StopFlag()                 # first: a Ctrl-C at any point below ends in a clean save
     try:
         cfg, rt, nets, train, val, state = setup(argv)
-        run_start, last_path = time.time(), os.path.join(cfg["out"], "last.pt")
+        run_start = time.time()
         while state.epoch <= cfg["epochs"]:
             run_epoch(nets, train, cfg, rt, state, stop)
-            if stop.set:
-                if rt.main:
-                    common.save_atomic(checkpoint(nets, cfg, state), last_path)
-                rt.log(f"saved {last_path} at epoch {state.epoch}, batch {state.step}; continue with: "
-                       f"python train.py --out {cfg['out']} --resume")
-                sys.exit(130)
-            if end_epoch(nets, val, cfg, rt, state, len(train)) and cfg["stop_on_collapse"]:
+            t0 = time.time()
+            counts = None if stop.set else validate(nets.f, val, cfg, rt, stop, state.epoch)
+            if counts is None:
+                stop_and_save(nets, cfg, rt, state)
+            if end_epoch(nets, rt.all_sum(counts), time.time() - t0, cfg, rt, state, len(train)) \
+                    and cfg["stop_on_collapse"]:
                 rt.log(f"--stop-on-collapse: stopped at epoch {state.epoch - 1}; best.pt (epoch "
                        f"{state.best['epoch']}) is kept")
                 break
