@@ -99,7 +99,8 @@ def build_parser():
       "against the mask collapse (see README, 'Where the paper leaves room')")
     a("--seed", type=int, default=0)
     a("--subset", type=int, help="train on the first N examples of a seeded shuffle of the training split")
-    a("--val-size", type=int, default=1000, help="held-out training examples used to pick best.pt")
+    a("--val-size", type=int, default=1000, help="held-out training examples used to pick best.pt, at most "
+      "what the validation split holds (10,000 on MNIST)")
     a("--out", default="runs/cat", help="output folder: last.pt, best.pt, metrics.jsonl, config.json")
     a("--resume", action="store_true", help="continue the run in --out exactly where it stopped, with its own "
       "settings: flags left out keep the run's values; only --epochs, --device, --data-dir, --compile and "

@@ -263,7 +263,7 @@ def test_a_finished_run_resumed_without_flags_trains_nothing(tmp_path, capsys, m
     with pytest.raises(SystemExit) as e:
         train.main(["--out", out, "--resume"])
     printed = capsys.readouterr().out.strip().splitlines()
-    assert e.value.code == 0 and len(printed) == 1 and "has finished: 1 epochs trained" in printed[0]
+    assert e.value.code == 0 and len(printed) == 1 and "has finished: epochs trained 1, --epochs 1" in printed[0]
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
     assert json.load(open(os.path.join(out, "config.json"))) == saved
 

@@ -281,7 +281,7 @@ def open_run(cfg):
     cfg = config.resumed(cfg, ckpt["config"])
     if ckpt["epoch"] >= cfg["epochs"]:
         if os.environ.get("RANK", "0") == "0":
-            print(f"{cfg['out']} has finished: {ckpt['epoch']} epochs trained, --epochs {cfg['epochs']}; nothing "
+            print(f"{cfg['out']} has finished: epochs trained {ckpt['epoch']}, --epochs {cfg['epochs']}; nothing "
                   f"to do (to train longer, resume with a larger --epochs)", flush=True)
         sys.exit(0)
     return cfg, ckpt
@@ -358,11 +358,9 @@ def batches_per_epoch(n_train, cfg, rt):
     return math.ceil(math.ceil(n_train / rt.world) / max(1, cfg["batch_size"] // rt.world))
 
 
-def setup(argv):
-    """(cfg, rt, nets, train, val, state) of a new run, or of the run in --out with --resume."""
-    cfg, ckpt = open_run(config.parse_config(argv))
-    rt = Runtime(cfg)
-    cfg["amp"] = "bf16" if rt.bf16 else "fp32"             # what runs, not "auto"
+def load_data(cfg, rt):
+    """(train, val) on the device: --subset of the training split, this process's share of --val-size
+    validation images; sizes beyond what the split holds get one line and exit 2."""
     try:
         train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=rt.log)
     except data.DataError as e:
@@ -377,6 +375,15 @@ def setup(argv):
         train = train.take(shuffle[:cfg["subset"]])
     train, val = train.to(rt.device), val.to(rt.device)
     val = val.take(torch.arange(rt.rank, len(val), rt.world, device=rt.device))   # each process checks its share
+    return train, val
+
+
+def setup(argv):
+    """(cfg, rt, nets, train, val, state) of a new run, or of the run in --out with --resume."""
+    cfg, ckpt = open_run(config.parse_config(argv))
+    rt = Runtime(cfg)
+    cfg["amp"] = "bf16" if rt.bf16 else "fp32"             # what runs, not "auto"
+    train, val = load_data(cfg, rt)
     torch.manual_seed(cfg["seed"] + rt.rank)
     nets, state = build_nets(cfg), State()
     if ckpt is not None:
