@@ -244,7 +244,7 @@ def on_disk(out, state):
     """What last.pt holds, said for an error message."""
     last = os.path.join(out, "last.pt")
     if state.saved is None or not os.path.isfile(last):
-        return f"nothing of this run is saved ({last} does not exist)"
+        return "nothing of this run is saved yet"
     epoch, step = state.saved
     return f"{last} holds the run at " + (f"batch {step} of epoch {epoch + 1}" if step else f"the end of epoch {epoch}")
 
