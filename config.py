@@ -51,8 +51,9 @@ RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop
 ALWAYS = {"out", "resume", "overwrite"}
 # Settings newer than some saved runs, with the value those runs were trained with.
 BEFORE = {"attack_bn": "eval", "paper_exact": True}
-# Where and how a run ran, not what it trained: runs that differ only in these are seeds of one experiment (report.py).
-NOT_THE_EXPERIMENT = (RESUMABLE - {"epochs", "stop_on_collapse"}) | {"seed"}
+# Where and how a run ran, not what it trained: runs that differ only in these are seeds of one experiment (report.py);
+# the data's source among them, since both MNIST sources give the same split.
+NOT_THE_EXPERIMENT = (RESUMABLE - {"epochs", "stop_on_collapse"}) | {"seed", "data_source"}
 
 
 def build_parser():

@@ -29,7 +29,7 @@ import checkpoints
 import common
 import verdicts
 from common import OneLineParser, die
-from config import NOT_THE_EXPERIMENT
+from config import NOT_THE_EXPERIMENT, as_today
 METHODS = {"at": "AT", "trades": "TRADES", "mart": "MART", "fat": "FAT"}
 
 
@@ -46,13 +46,14 @@ def read_json(path, lines=False):
 
 
 def read_config(folder):
-    """A run folder's config: config.json, else the one saved in best.pt or last.pt; None if neither."""
+    """A run folder's config in today's terms (config.as_today: a run saved before the start radius was
+    resolved groups with today's): config.json, else the one saved in best.pt or last.pt; None if neither."""
     path = os.path.join(folder, "config.json")
     if os.path.isfile(path):
-        return read_json(path)
+        return as_today(read_json(path))
     for name in ("best.pt", "last.pt"):
         if os.path.isfile(os.path.join(folder, name)):
-            return checkpoints.load_checkpoint(os.path.join(folder, name))["config"]
+            return as_today(checkpoints.load_checkpoint(os.path.join(folder, name))["config"])
     return None
 
 

