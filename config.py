@@ -50,7 +50,7 @@ ATTACK_LOSS = {"cent": "ce", "cw": "cw", "kl": "kl"}     # --attack name -> atta
 RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop_on_collapse", "compile"}
 ALWAYS = {"out", "resume", "overwrite"}
 # Settings newer than some saved runs, with the value those runs were trained with.
-BEFORE = {"attack_bn": "eval", "paper_exact": True}
+BEFORE = {"attack_bn": "eval", "paper_exact": True, "wall_bound": 5.0}
 # Where and how a run ran, not what it trained: runs that differ only in these are seeds of one experiment (report.py);
 # the data's source among them, since both MNIST sources give the same split.
 NOT_THE_EXPERIMENT = (RESUMABLE - {"epochs", "stop_on_collapse"}) | {"seed", "data_source"}
@@ -98,6 +98,8 @@ def build_parser():
       "100 120 (cifar10 preact18), 100 110 (cifar10 wrn34_10, cifar100)")
     a("--paper-exact", action="store_true", help="CAT without the logit wall this repository adds to Eq. 14 "
       "against the mask collapse (see README, 'Where the paper leaves room')")
+    a("--wall-bound", type=float, default=5.0, help="where the logit wall starts, in logits of g_phi: M stays in "
+      "[sigmoid(-b), sigmoid(b)] at no cost (5: [0.0067, 0.9933]). default: 5")
     a("--seed", type=int, default=0)
     a("--subset", type=int, help="train on the first N examples of a seeded shuffle of the training split")
     a("--val-size", type=int, default=1000, help="held-out training examples used to pick best.pt, at most "
@@ -154,7 +156,7 @@ def check_config(cfg):
                 f"{' or '.join(models.CLASSIFIERS[cfg['dataset']])}")
     if not 0 < cfg["eps"] <= 1:
         return f"--eps {cfg['eps']} must be in (0, 1] pixel units, e.g. 0.3 or 8/255"
-    for keys, ok, rule in [(("alpha", "start", "lr"), lambda v: v > 0, "> 0"),
+    for keys, ok, rule in [(("alpha", "start", "lr", "wall_bound"), lambda v: v > 0, "> 0"),
                            (("beta", "beta1", "kappa", "momentum", "weight_decay"), lambda v: v >= 0, ">= 0"),
                            (("steps", "epochs", "batch_size", "subset", "val_size"), lambda v: v >= 1, ">= 1")]:
         bad = [key for key in keys if cfg[key] is not None and not ok(cfg[key])]
@@ -181,6 +183,7 @@ def check_config(cfg):
             ("kappa", cfg["attack"] == "cw", f"with --attack cw (here {cfg['attack']})"),
             ("tau_milestones", cfg["method"] == "fat", "with --method fat"),
             ("paper_exact", mask, "with --method cat and its mask network"),
+            ("wall_bound", mask and not cfg["paper_exact"], "with the mask network and its wall (no --paper-exact)"),
             ("sync_bn", int(os.environ.get("WORLD_SIZE", "1")) > 1, "under torchrun with 2 or more processes")]
     return next((f"{flag(key)} does nothing here: it acts only {where}"
                  for key, acts, where in idle if key in typed and not acts), None)

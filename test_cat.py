@@ -315,3 +315,18 @@ def test_logit_wall_joins_eq14_unless_paper_exact():
         losses[bool(flags)] = logs["loss_g"].item()
         assert logs["z_q50"].item() == pytest.approx(-10.0) and logs["mask_lo"].item() == 1.0
     assert losses[False] - losses[True] == pytest.approx(25.0, rel=1e-4)
+
+
+def test_the_wall_bound_reaches_eq14():
+    """Logits at -10: the wall at 5 adds (10 - 5)^2 = 25, at 8 it adds (10 - 8)^2 = 4, at 12 nothing."""
+    losses = {}
+    for bound in ("5", "8", "12"):
+        cfg, nets, x, y = small_setup("--wall-bound", bound)
+        last = [m for m in nets.g.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(-10.0)
+        torch.manual_seed(0)
+        losses[bound] = train.train_step(nets, x, y, cfg)["loss_g"].item()
+    assert losses["5"] - losses["12"] == pytest.approx(25.0, rel=1e-4)
+    assert losses["8"] - losses["12"] == pytest.approx(4.0, rel=1e-4)

@@ -30,6 +30,9 @@ from conftest import HERE, METHOD_FLAGS, TINY, Payload, in_process, run_cli, wri
 BAD_FLAGS = [
     (["--method", "trades", "--paper-exact"], "--paper-exact does nothing here"),
     (["--no-mask", "--paper-exact"], "--paper-exact does nothing here"),
+    (["--paper-exact", "--wall-bound", "3"], "--wall-bound does nothing here"),
+    (["--method", "at", "--wall-bound", "3"], "--wall-bound does nothing here"),
+    (["--wall-bound", "0"], "--wall-bound 0.0 must be > 0"), (["--wall-bound", "nan"], "must be a finite number"),
     (["--dataset", "imagenet"], "--dataset"), (["--arch", "vgg"], "--arch vgg"),
     (["--arch", "preact18"], "does not fit"), (["--method", "free"], "--method"),
     (["--attack", "fgsm"], "--attack"), (["--eps", "0"], "--eps"), (["--eps", "8"], "--eps"),

@@ -117,7 +117,7 @@ def mask_step(nets, x, y, delta, z, mask, cfg):
             logits_adv = nets.f_fast(x + delta)
         loss_g, kl, ce = cat.mask_loss(logits_adv, nets.f_fast(cat.calibrate(x, delta, mask)), y, cfg["beta1"])
         if not cfg["paper_exact"]:
-            loss_g = loss_g + cat.logit_wall(z)
+            loss_g = loss_g + cat.logit_wall(z, cfg["wall_bound"])
         nets.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         nets.opt_g.step()
