@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+import common
 import models
 
 TRAIN_KEYS = {"model", "config", "epoch"}        # what makes a dict a train.py checkpoint
@@ -34,15 +35,10 @@ def one_line(e):
 def save(obj, path):
     """torch.save through a temporary file renamed over `path`: a full disk, a vanished folder or a kill
     half-way leaves the previous file as it was. A failure is a CheckpointError naming the file."""
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        common.write_atomic(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"could not write {path} ({one_line(e)}); the previous copy, if any, is intact") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_weights(path, device="cpu"):
