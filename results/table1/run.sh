@@ -9,6 +9,7 @@
 # Every run starts fresh, or resumes where its last.pt stopped (a session's end: SIGTERM saves after the
 # step), or is skipped when finished (its done.txt). Stop the whole study with `kill -TERM -- -PGID`.
 #   bash results/table1/run.sh results/table1 results/seed_full >> results/table1/queue.log 2>&1 &
+# LANE=1 or LANE=2 runs one lane alone (the other core then free, e.g. for results/table1/eval.sh).
 # Precision: --amp fp32. --amp auto took bf16 on the 2-core Xeon used (AVX-512 without AVX512-BF16,
 # where oneDNN emulates bf16) and ran 23 img/s against fp32's 70 img/s there.
 set -u
@@ -30,9 +31,10 @@ table() { # name, eps, train.py flags...
   run "$root/$name" 10 --milestones 8 --seed 0 --eps "$eps" --amp fp32 "$@"
 }
 seed() { run "$seeds/wall_s$1" 5 --seed "$1" --val-size 500 --amp fp32; }
-{ table cat_cent_0.3 0.3 --method cat --attack cent && table cat_cent_0.4 0.4 --method cat --attack cent &&
+lane=${LANE:-both}
+[ "$lane" = 2 ] || { table cat_cent_0.3 0.3 --method cat --attack cent && table cat_cent_0.4 0.4 --method cat --attack cent &&
   table cat_cw_0.4 0.4 --method cat --attack cw && seed 3; } &
-{ table cat_cw_0.3 0.3 --method cat --attack cw && table trades_0.4 0.4 --method trades --beta 1 \
+[ "$lane" = 1 ] || { table cat_cw_0.3 0.3 --method cat --attack cw && table trades_0.4 0.4 --method trades --beta 1 \
     --steps 20 --alpha 0.02 --batch-size 100 --optimizer adam --lr 1e-3 &&
   seed 2 && seed 4; } &
 wait
