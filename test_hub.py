@@ -24,13 +24,13 @@ HEADING = "## CAT in your own training loop"
 STEP_MARKER = "# 1. perturb"          # the block's setup ends here, its one CAT step begins
 
 
-def readme_block():
-    """The first python block under HEADING in README.md."""
+def readme_block(heading=HEADING):
+    """The first python block under `heading` in README.md."""
     with open(os.path.join(HERE, "README.md")) as fh:
         text = fh.read()
-    assert HEADING in text, f"README.md has no section {HEADING!r}"
-    found = re.search(r"```python\n(.*?)\n```", text[text.index(HEADING):], re.S)
-    assert found, f"no python block under {HEADING!r}"
+    assert heading in text, f"README.md has no section {heading!r}"
+    found = re.search(r"```python\n(.*?)\n```", text[text.index(heading):], re.S)
+    assert found, f"no python block under {heading!r}"
     return found.group(1) + "\n"
 
 
@@ -54,6 +54,26 @@ def method_of(name):
     """The entry's training method, read from its checkpoint: every entry's weights ship with the repository."""
     assert os.path.isfile(weights_of(name)), f"{name}: {weights_of(name)} is not committed"
     return checkpoints.load_checkpoint(weights_of(name))["config"]["method"]
+
+
+def test_readme_checkpoint_block_loads_a_default_trained_cat_that_works(mnist_small, monkeypatch):
+    """"Loading a checkpoint" as it stands, on real test images: the model it loads was trained under
+    today's default (not --paper-exact), classifies, and its mask is neither collapsed nor saturated."""
+    monkeypatch.chdir(HERE)
+    block = readme_block("## Loading a checkpoint")
+    path = re.search(r'load_checkpoint\("([^"]+)"\)', block).group(1)
+    assert os.path.isfile(os.path.join(HERE, path)), f"{path} is not committed"
+    assert not config.as_today(checkpoints.load_checkpoint(path)["config"])["paper_exact"]
+    test = mnist_small[1]
+    x = data.to_float(test.images[:200])
+    delta = 0.3 * torch.randn_like(x).sign()
+    delta = (x + delta).clamp(0, 1) - x
+    scope = {"x": x, "delta": delta}
+    with torch.no_grad():
+        exec(compile(block, "README.md: Loading a checkpoint", "exec"), scope)
+    assert scope["logits"].shape == (200, 10)
+    assert (scope["logits"].argmax(1) == test.labels[:200]).float().mean() >= 0.95
+    assert scope["mask"].shape == x.shape and 0.1 < scope["mask"].mean() < 0.99
 
 
 # ----------------------------------------------------------------------------- the README block
