@@ -44,6 +44,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 
@@ -510,6 +511,10 @@ def evaluate_all(loaded, splits, args, store, rows, save):
     return grid
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     t_start = time.time()
     args = parse_args(argv)
@@ -525,12 +530,15 @@ def main(argv=None):
                                "command": ["evaluate.py", *(sys.argv[1:] if argv is None else argv)],
                                "wall_seconds": round(time.time() - t_start, 1)}, args.json)
 
+    previous = signal.signal(signal.SIGTERM, interrupt)          # SIGTERM stops as Ctrl-C does
     try:
         grid = evaluate_all(loaded, splits, args, store, rows, save)
     except KeyboardInterrupt:
         save()
         die("interrupted; " + (f"every finished batch is in {args.json}: run the same command again to resume"
                                if args.json else "nothing kept (no --json)"), code=130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report.eval_table(rows, args.attacks))
     if args.save_masks:
         report.save_grid(grid, args.save_masks)

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import signal
 import sys
 
 import pytest
@@ -498,6 +499,30 @@ def test_a_killed_then_resumed_evaluation_equals_an_uninterrupted_one(natural_mo
     assert bits_of(tmp_path / "parts.json") == bits_of(tmp_path / "whole.json")
     assert parts["accuracy"] == whole["accuracy"] and parts["complete"]
     assert parts["flags"] == whole["flags"]
+
+
+def test_sigterm_stops_an_evaluation_as_ctrl_c_does(natural_model, tmp_path, monkeypatch, capsys):
+    """kill -TERM (a session's end, a queue stopped) keeps every finished batch, says so in one line, exits
+    130, and leaves the process's own SIGTERM handling as it was."""
+    zoo, out = write_factory(tmp_path, natural_model), str(tmp_path / "e.json")
+    argv = [f"{zoo}:build", "--dataset", "mnist", "--attacks", "natural,fgsm", "--eps", "0.05", "--subset", "40",
+            "--batch-size", "20", "--json", out]
+    real, calls = evaluate.attack_correct, []
+
+    def terminated_in_fgsm(*args):
+        calls.append(args[0])
+        if len(calls) == 4:                                       # natural's 2 batches, fgsm's first; TERM in its second
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(evaluate, "attack_correct", terminated_in_fgsm)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 130 and len(err) == 1 and "run the same command again to resume" in err[0]
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert {a: len(b) for a, b in bits_of(out).items()} == {"natural": 40, "fgsm": 20}
 
 
 def other_model(natural_model):
