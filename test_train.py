@@ -420,6 +420,26 @@ def test_stop_on_collapse_keeps_best(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_slim_keeps_the_model_and_drops_what_only_resume_needs(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--epochs", "1", "--out", out])
+    best = os.path.join(out, "best.pt")
+    before, size = checkpoints.load_model(best), os.path.getsize(best)
+    assert checkpoints.slim(best) == ["opt_f", "opt_g", "partial", "rng", "step"]
+    after = checkpoints.load_model(best)
+    assert sorted(torch.load(best, weights_only=True)) == sorted(checkpoints.MODEL_KEYS)
+    assert os.path.getsize(best) < size / 2
+    for net in ("f", "g"):
+        assert checkpoints.weights_hash(after[net]) == checkpoints.weights_hash(before[net])
+    assert after["config"] == before["config"] and after["epoch"] == before["epoch"] == 1
+    assert checkpoints.slim(best) == []                    # slimming twice changes nothing
+    (tmp_path / "notes.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoints.CheckpointError):
+        checkpoints.slim(str(tmp_path / "notes.pt"))
+    assert (tmp_path / "notes.pt").read_bytes() == b"not a checkpoint"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("shift,word", [(-30.0, "x,"), (30.0, "x + delta,")])
 def test_a_saturated_mask_is_warned_about(tmp_path, monkeypatch, capsys, shift, word):
     monkeypatch.setattr(cat, "mask_of", lambda z: torch.sigmoid(z.float() + shift))

@@ -7,7 +7,8 @@
 #   lane 1: CAT_cent(0.3), CAT_cent(0.4), CAT_cw(0.4), seed 3
 #   lane 2: CAT_cw(0.3), TRADES(0.4), seed 2, seed 4
 # Every run starts fresh, or resumes where its last.pt stopped (a session's end: SIGTERM saves after the
-# step), or is skipped when finished (its done.txt). Stop the whole study with `kill -TERM -- -PGID`.
+# step), or is skipped when finished (its done.txt). A finished run keeps best.pt, slimmed to the model
+# (checkpoints.slim), to commit; its last.pt goes. Stop the whole study with `kill -TERM -- -PGID`.
 #   bash results/table1/run.sh results/table1 results/seed_full >> results/table1/queue.log 2>&1 &
 # LANE=1 or LANE=2 runs one lane alone (the other core then free, e.g. for results/table1/eval.sh).
 # Precision: --amp fp32. --amp auto took bf16 on the 2-core Xeon used (AVX-512 without AVX512-BF16,
@@ -23,7 +24,10 @@ run() { # folder, epochs, train.py flags...
   OMP_NUM_THREADS=1 python train.py --dataset mnist --epochs "$epochs" --out "$out" "${how[@]}" \
     >> "$out/train.log" 2>&1 < /dev/null
   local rc=$?
-  if [ $rc -eq 0 ]; then date -u +%FT%TZ > "$out/done.txt"; else echo "$out stopped (exit $rc)"; fi
+  if [ $rc -eq 0 ]; then   # finished: best.pt keeps the model only, last.pt (for --resume) goes, then done.txt
+    python -c 'import sys, checkpoints; checkpoints.slim(sys.argv[1])' "$out/best.pt" && rm -f "$out/last.pt" &&
+      date -u +%FT%TZ > "$out/done.txt" || rc=1
+  else echo "$out stopped (exit $rc)"; fi
   return $rc
 }
 table() { # name, eps, train.py flags...
