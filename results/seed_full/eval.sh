@@ -2,15 +2,20 @@
 # The 5-epoch default seeds on the first 1,000 test images, as seeds 0 and 1 were: natural, PGD-20, PGD-100
 # and APGD-CE into each run's eval_test1k.json, with the mask over PGD-20's perturbation (mean, on bright
 # digit pixels and on the dark background) and its picture, masks.png. Runs with a done.txt only (the
-# seeds trained by results/table1/run.sh); one thread; the store continues after a stop.
+# seeds trained by results/table1/run.sh); one thread; the store continues after a stop; a run whose log
+# is finished is skipped, and one the other lane is evaluating too.
 #   bash results/seed_full/eval.sh results/seed_full
 set -u
 root=${1:-results/seed_full}
 for run in "$root"/wall_s*/; do
   run=${run%/}
   [ -e "$run/done.txt" ] && [ -e "$run/best.pt" ] || continue
+  grep -q '^flags:' "$run/eval_test1k.log" 2>/dev/null && continue      # finished
+  exec 8> "$run/.eval.lock"
+  flock -n 8 || { echo "$(date -u +%FT%TZ) $run: the other lane evaluates it, next"; exec 8>&-; continue; }
   echo "$(date -u +%FT%TZ) $run"
   OMP_NUM_THREADS=1 python evaluate.py "$run/best.pt" --subset 1000 --attacks natural,pgd20,pgd100,apgd-ce \
-    --save-masks "$run/masks.png" --json "$run/eval_test1k.json" > "$run/eval_test1k.log" 2>&1 < /dev/null \
-    || { echo "$run stopped"; exit 1; }
+    --save-masks "$run/masks.png" --json "$run/eval_test1k.json" > "$run/eval_test1k.log.part" 2>&1 < /dev/null \
+    && mv "$run/eval_test1k.log.part" "$run/eval_test1k.log" || { echo "$run stopped"; exit 1; }
+  exec 8>&-
 done

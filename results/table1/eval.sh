@@ -9,7 +9,7 @@
 #      own (the columns that tell weak PGD from masking), every column in eval_test1k_all.log.
 # One run at a time, one thread (the other core trains); the table goes to eval_test1k.log / eval_test10k.log,
 # written as .part and renamed once finished; a finished log is kept (AutoAttack's per-attack counts live
-# only there), and its evaluation skipped.
+# only there), and its evaluation skipped. Both lanes of queue.sh may run it: a run's store has one writer.
 #   bash results/table1/eval.sh results/table1 >> results/table1/eval_queue.log 2>&1 &
 #   N10K=20 N1K=10 bash results/table1/eval.sh /tmp/dry      # a dry run on a few images
 set -u
@@ -20,9 +20,12 @@ finished() { for run in "$root"/*/; do run=${run%/}; [ -e "$run/done.txt" ] && [
 evaluate() { # run, log, evaluate.py flags...: skipped once its log holds the finished table
   local run=$1 log=$2; shift 2
   grep -q '^flags:' "$run/$log" 2>/dev/null && return 0   # a rerun would rewrite the log without AutoAttack's lines
+  exec 8> "$run/.eval.lock"           # one writer per store: the other lane, if it has this run, goes on
+  flock -n 8 || { echo "$(date -u +%FT%TZ) $run: the other lane evaluates it, next"; exec 8>&-; return 0; }
   echo "$(date -u +%FT%TZ) $run -> $log"
   OMP_NUM_THREADS=1 python evaluate.py "$run/best.pt" --json "$run/eval.json" "$@" > "$run/$log.part" 2>&1 \
     < /dev/null && mv "$run/$log.part" "$run/$log" || { echo "$run: $log stopped (its progress: $log.part)"; exit 1; }
+  exec 8>&-
 }
 for run in $(finished); do evaluate "$run" eval_test1k.log --subset "$n1k" --attacks natural,fgsm,pgd20,pgd100,cw,autoattack; done
 for run in $(finished); do evaluate "$run" eval_test10k.log "${n10k[@]}" --attacks natural,fgsm,pgd20,pgd100,cw; done
