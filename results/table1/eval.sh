@@ -12,6 +12,7 @@
 # only there), and its evaluation skipped. Both lanes of queue.sh may run it: a run's store has one writer.
 #   bash results/table1/eval.sh results/table1 >> results/table1/eval_queue.log 2>&1 &
 #   N10K=20 N1K=10 bash results/table1/eval.sh /tmp/dry      # a dry run on a few images
+#   PASSES="1 2" bash results/table1/eval.sh results/table1   # only the passes named (default: 1 2 3)
 set -u
 root=${1:-results/table1}
 n10k=(); [ -n "${N10K:-}" ] && n10k=(--subset "$N10K")
@@ -27,9 +28,14 @@ evaluate() { # run, log, evaluate.py flags...: skipped once its log holds the fi
     < /dev/null && mv "$run/$log.part" "$run/$log" || { echo "$run: $log stopped (its progress: $log.part)"; exit 1; }
   exec 8>&-
 }
-for run in $(finished); do evaluate "$run" eval_test1k.log --subset "$n1k" --attacks natural,fgsm,pgd20,pgd100,cw,autoattack; done
-for run in $(finished); do evaluate "$run" eval_test10k.log "${n10k[@]}" --attacks natural,fgsm,pgd20,pgd100,cw; done
-for run in $(finished); do
+passes=" ${PASSES:-1 2 3} "
+[[ $passes = *" 1 "* ]] && for run in $(finished); do
+  evaluate "$run" eval_test1k.log --subset "$n1k" --attacks natural,fgsm,pgd20,pgd100,cw,autoattack
+done
+[[ $passes = *" 2 "* ]] && for run in $(finished); do
+  evaluate "$run" eval_test10k.log "${n10k[@]}" --attacks natural,fgsm,pgd20,pgd100,cw
+done
+[[ $passes = *" 3 "* ]] && for run in $(finished); do
   grep -q '"method": "cat"' "$run/config.json" || continue
   evaluate "$run" eval_test1k_all.log --subset "$n1k" --attacks natural,fgsm,pgd20,pgd100,cw,apgd-ce,apgd-t,square,autoattack
 done
