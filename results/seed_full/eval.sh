@@ -7,15 +7,9 @@
 #   bash results/seed_full/eval.sh results/seed_full
 set -u
 root=${1:-results/seed_full}
-for run in "$root"/wall_s*/; do
-  run=${run%/}
-  [ -e "$run/done.txt" ] && [ -e "$run/best.pt" ] || continue
-  grep -q '^flags:' "$run/eval_test1k.log" 2>/dev/null && continue      # finished
-  exec 8> "$run/.eval.lock"
-  flock -n 8 || { echo "$(date -u +%FT%TZ) $run: the other lane evaluates it, next"; exec 8>&-; continue; }
-  echo "$(date -u +%FT%TZ) $run"
-  OMP_NUM_THREADS=1 python evaluate.py "$run/best.pt" --subset 1000 --attacks natural,pgd20,pgd100,apgd-ce \
-    --save-masks "$run/masks.png" --json "$run/eval_test1k.json" > "$run/eval_test1k.log.part" 2>&1 < /dev/null \
-    && mv "$run/eval_test1k.log.part" "$run/eval_test1k.log" || { echo "$run stopped"; exit 1; }
-  exec 8>&-
+. "$(dirname "$0")/../table1/lib.sh"
+for run in $(finished "$root"); do
+  case $run in */wall_s*) ;; *) continue ;; esac
+  evaluate_once "$run" eval_test1k.log --subset 1000 --attacks natural,pgd20,pgd100,apgd-ce \
+    --save-masks "$run/masks.png" --json "$run/eval_test1k.json"
 done

@@ -17,25 +17,16 @@ set -u
 root=${1:-results/table1}
 n10k=(); [ -n "${N10K:-}" ] && n10k=(--subset "$N10K")
 n1k=${N1K:-1000}
-finished() { for run in "$root"/*/; do run=${run%/}; [ -e "$run/done.txt" ] && [ -e "$run/best.pt" ] && echo "$run"; done; }
-evaluate() { # run, log, evaluate.py flags...: skipped once its log holds the finished table
-  local run=$1 log=$2; shift 2
-  grep -q '^flags:' "$run/$log" 2>/dev/null && return 0   # a rerun would rewrite the log without AutoAttack's lines
-  exec 8> "$run/.eval.lock"           # one writer per store: the other lane, if it has this run, goes on
-  flock -n 8 || { echo "$(date -u +%FT%TZ) $run: the other lane evaluates it, next"; exec 8>&-; return 0; }
-  echo "$(date -u +%FT%TZ) $run -> $log"
-  OMP_NUM_THREADS=1 python evaluate.py "$run/best.pt" --json "$run/eval.json" "$@" > "$run/$log.part" 2>&1 \
-    < /dev/null && mv "$run/$log.part" "$run/$log" || { echo "$run: $log stopped (its progress: $log.part)"; exit 1; }
-  exec 8>&-
-}
+. "$(dirname "$0")/lib.sh"
+evaluate() { evaluate_once "$1" "$2" --json "$1/eval.json" "${@:3}"; }
 passes=" ${PASSES:-1 2 3} "
-[[ $passes = *" 1 "* ]] && for run in $(finished); do
+[[ $passes = *" 1 "* ]] && for run in $(finished "$root"); do
   evaluate "$run" eval_test1k.log --subset "$n1k" --attacks natural,fgsm,pgd20,pgd100,cw,autoattack
 done
-[[ $passes = *" 2 "* ]] && for run in $(finished); do
+[[ $passes = *" 2 "* ]] && for run in $(finished "$root"); do
   evaluate "$run" eval_test10k.log "${n10k[@]}" --attacks natural,fgsm,pgd20,pgd100,cw
 done
-[[ $passes = *" 3 "* ]] && for run in $(finished); do
+[[ $passes = *" 3 "* ]] && for run in $(finished "$root"); do
   grep -q '"method": "cat"' "$run/config.json" || continue
   evaluate "$run" eval_test1k_all.log --subset "$n1k" --attacks natural,fgsm,pgd20,pgd100,cw,apgd-ce,apgd-t,square,autoattack
 done
