@@ -7,7 +7,7 @@
 finished() { for run in "$1"/*/; do run=${run%/}; [ -e "$run/done.txt" ] && [ -e "$run/best.pt" ] && echo "$run"; done; }
 evaluate_once() {
   local run=$1 log=$2; shift 2
-  grep -q '^flags:' "$run/$log" 2>/dev/null && return 0
+  grep -qiE '^flags( \(|:)' "$run/$log" 2>/dev/null && return 0
   exec 8> "$run/.eval.lock"
   flock -n 8 || { echo "$(date -u +%FT%TZ) $run: the other lane evaluates it, next"; exec 8>&-; return 0; }
   echo "$(date -u +%FT%TZ) $run -> $log"
