@@ -33,7 +33,9 @@ first 1,000 images serves a run on 500. A run reuses what matches, computes the 
 (written after every batch, with random starts fixed by the seed and the batch's first image, so an
 interrupted run resumes exactly) and never removes what it did not compute: other models, eps and
 attacks stay. results[weights]["model"] says what the weights were loaded from. Beside the store,
-"models" holds this run's table, one row per model and eps, for report.py. A file in an older shape
+"models" holds this run's table, one row per model and eps, for report.py, and "command_seconds" the
+wall-clock time of this command alone ("seconds" of each entry adds up every command that computed
+its bits; older stores called the first "wall_seconds"). A file in an older shape
 is converted when read (convert); a file that is no evaluation is refused, never overwritten.
 While an attack runs, a line every 30 s (--progress) gives the images done, the robust accuracy
 so far and the ETA; AutoAttack's own progress lines are shown as they come.
@@ -528,7 +530,7 @@ def main(argv=None):
         if args.json:
             common.write_json({"results": store, "models": rows, "attacks": args.attacks,
                                "command": ["evaluate.py", *(sys.argv[1:] if argv is None else argv)],
-                               "wall_seconds": round(time.time() - t_start, 1)}, args.json)
+                               "command_seconds": round(time.time() - t_start, 1)}, args.json)
 
     previous = signal.signal(signal.SIGTERM, interrupt)          # SIGTERM stops as Ctrl-C does
     try:

@@ -678,7 +678,7 @@ def test_cli_end_to_end(trained, tmp_path):
     proc = run_cli("evaluate.py", os.path.join(trained, "best.pt"), "--attacks", "natural,fgsm,pgd20",
                    "--restarts", "2", "--subset", "50", "--json", result, "--save-masks", png, "--device", "cpu")
     numbers = json.load(open(result))
-    assert set(numbers) == {"results", "models", "attacks", "command", "wall_seconds"} and len(numbers["models"]) == 1
+    assert set(numbers) == {"results", "models", "attacks", "command", "command_seconds"} and len(numbers["models"]) == 1
     row = numbers["models"][0]
     acc = row["accuracy"]
     assert list(acc) == ["natural", "fgsm", "pgd20", "avg", "worst"] and set(row["stderr"]) == {"natural", "fgsm", "pgd20"}
