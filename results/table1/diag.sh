@@ -13,16 +13,20 @@
 set -u
 t=results/table1
 say() { echo "$(date -u +%FT%TZ) $*"; }
-ev() { OMP_NUM_THREADS=1 python evaluate.py "$@" < /dev/null || { say "stopped: evaluate.py $*"; exit 1; }; }
+. "$(dirname "$0")/lib.sh"
+# ev LOG evaluate.py-flags...: one evaluation into LOG, skipped when LOG is finished (a rerun from the store
+# would rewrite it and the store's times)
+ev() { local log=$1; shift; finished_log "$log" && return 0
+  OMP_NUM_THREADS=1 python evaluate.py "$@" > "$log" 2>&1 < /dev/null || { say "stopped: evaluate.py $*"; exit 1; }; }
 say "diag: epoch 7"
-ev $t/diag_epoch7/best.pt --subset 200 --attacks natural,pgd20,pgd100,cw,apgd-ce,apgd-t,square \
-  --json $t/diag_epoch7/eval.json > $t/diag_epoch7/eval.log 2>&1
+ev $t/diag_epoch7/eval.log $t/diag_epoch7/best.pt --subset 200 --attacks natural,pgd20,pgd100,cw,apgd-ce,apgd-t,square \
+  --json $t/diag_epoch7/eval.json
 say "diag: radius"
-ev results/mnist_at_0.3/best.pt $t/cat_cent_0.3/best.pt --eps 0.1,0.2,0.3,0.4 --attacks natural,pgd20,apgd-ce \
-  --subset 1000 --json $t/eps_sweep/eval.json > $t/eps_sweep/eval.log 2>&1
+ev $t/eps_sweep/eval.log results/mnist_at_0.3/best.pt $t/cat_cent_0.3/best.pt --eps 0.1,0.2,0.3,0.4 \
+  --attacks natural,pgd20,apgd-ce --subset 1000 --json $t/eps_sweep/eval.json
 if [ -e $t/cat_cent_0.4/done.txt ]; then
   say "diag: Figure 2"
-  ev $t/cat_cent_0.4/best.pt --eps 0.4 --attacks natural,pgd20 --subset 1000 --save-masks $t/cat_cent_0.4/masks.png \
-    --json $t/cat_cent_0.4/eval_masks.json > $t/cat_cent_0.4/masks.log 2>&1
+  ev $t/cat_cent_0.4/masks.log $t/cat_cent_0.4/best.pt --eps 0.4 --attacks natural,pgd20 --subset 1000 \
+    --save-masks $t/cat_cent_0.4/masks.png --json $t/cat_cent_0.4/eval_masks.json
 fi
 say "diag: done"
