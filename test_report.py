@@ -3,6 +3,7 @@ import glob
 import json
 import math
 import os
+import subprocess
 
 import pytest
 import torch
@@ -159,6 +160,36 @@ def test_the_committed_evaluations_have_the_one_shape():
         assert isinstance(doc["results"], dict) and doc["models"], path
         assert all(r["weights"] in doc["results"] and r["complete"] for r in doc["models"]), path
         assert report.eval_rows(path, os.path.dirname(path)) == doc["models"], path     # of the folder's best.pt
+
+
+def test_the_study_scripts_evaluate_a_run_once_and_never_replace_a_finished_log(tmp_path):
+    """results/table1/lib.sh's evaluate_once: a log that ends in evaluate.py's flags (none or some) is
+    finished and kept (AutoAttack's per-attack counts live only there); a half-written one is redone,
+    and a failed evaluation leaves LOG as it was."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text('#!/bin/sh\n[ -n "$FAIL" ] && exit 1\necho "table of $2"\necho "flags: none"\n')
+    (fake / "python").chmod(0o755)
+    logs = {"clean": "AutoAttack: square ...\nflags: none\n", "flagged": "AutoAttack: square ...\nFLAGS (check "
+            "before trusting the table):\n", "half": "AutoAttack: running apgd-t\n"}
+    for run, text in logs.items():
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "eval.log").write_text(text)
+
+    def evaluate_once(run, **env):
+        lib = os.path.join(HERE, "results", "table1", "lib.sh")
+        return subprocess.run(["bash", "-c", f'. "{lib}"; evaluate_once "$0" eval.log --json x', str(tmp_path / run)],
+                              env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", **env},
+                              capture_output=True, text=True)
+
+    assert evaluate_once("half", FAIL="1").returncode == 1
+    assert (tmp_path / "half" / "eval.log").read_text() == logs["half"]
+    for run in logs:
+        assert evaluate_once(run).returncode == 0
+    assert (tmp_path / "clean" / "eval.log").read_text() == logs["clean"]
+    assert (tmp_path / "flagged" / "eval.log").read_text() == logs["flagged"]
+    assert (tmp_path / "half" / "eval.log").read_text() == f"table of {tmp_path / 'half' / 'best.pt'}\nflags: none\n"
+    assert not list(tmp_path.glob("*/eval.log.part"))
 
 
 def test_a_run_saved_before_resolved_values_groups_with_todays(tmp_path, capsys):
