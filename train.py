@@ -550,8 +550,8 @@ def main(argv=None):
                 break
         rt.log(f"done in {fmt_time(time.time() - run_start)}; best epoch {state.best['epoch']} "
                f"(val natural + PGD-20 = {state.best['score']:.2f}) -> {os.path.join(cfg['out'], 'best.pt')}")
-        if rt.world > 1:        # every rank done (rank 0 writes last) before any tears gloo down: a rank that
-            dist.barrier()      # left early aborted its peer (SIGABRT), now and then, on --stop-on-collapse
+        if rt.world > 1:        # every rank done (rank 0 writes last) before any tears gloo down: once, after
+            dist.barrier()      # --stop-on-collapse, rank 1 died of SIGABRT at teardown while rank 0 still wrote
             dist.destroy_process_group()
     finally:
         stop.restore()

@@ -1,4 +1,4 @@
-# Shared by results/table1/eval.sh and results/seed_full/eval.sh (sourced, not run).
+# Shared by results/table1/eval.sh, results/table1/diag.sh and results/seed_full/eval.sh (sourced, not run).
 # finished_log LOG: LOG holds evaluate.py's finished table.
 # finished ROOT: the run folders under ROOT that train to the end (done.txt) and have a best.pt.
 # evaluate_once RUN LOG evaluate.py-flags...: evaluate RUN's best.pt into RUN/LOG, one thread, unless LOG
