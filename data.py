@@ -63,8 +63,9 @@ class Split:
         return Split(self.images[index], self.labels[index], self.source)
 
 
-def _one_line(e):
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+def _one_line(e, limit=200):
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text if len(text) <= limit else text[:limit].rsplit(' ', 1)[0] + ' ...'}"
 
 
 @contextlib.contextmanager

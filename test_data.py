@@ -327,6 +327,14 @@ def test_a_failed_download_creates_no_folder(tmp_path):
     assert os.listdir(tmp_path) == []                     # neither data/MNIST/raw nor MNIST/raw stayed
 
 
+def test_a_long_download_error_is_cut_at_a_word_and_says_so():
+    url = "https://example.invalid/mnist/train-images-idx3-ubyte.gz"
+    line = data._one_line(RuntimeError(f"Tried {url},\n got: <urlopen error> " * 6))
+    assert "\n" not in line and len(line) <= len("RuntimeError: ") + 204
+    assert line.endswith(" ...") and line[:-4].split()[-1] in f"Tried {url}, got: <urlopen error>"
+    assert data._one_line(ValueError("short")) == "ValueError: short"
+
+
 # ============================================================================ load_test and augment
 
 def test_load_test_reads_only_the_test_files(tmp_path):
