@@ -40,11 +40,25 @@ table() { # name, eps, train.py flags...
   run "$root/$name" 10 --milestones 8 --seed 0 --eps "$eps" --amp fp32 "$@"
 }
 seed() { run "$seeds/wall_s$1" 5 --seed "$1" --val-size 500 --amp fp32; }
+# Seeds 1 and 2 of five Table 1 rows (issue 29), in the setup of their seed-0 rows, into $root/seeds/NAME_sSEED.
+adam=(--steps 20 --batch-size 100 --optimizer adam --lr 1e-3)
+three() { # name, eps, train.py flags...: seeds 1 and 2
+  local name=$1 eps=$2; shift 2
+  for s in 1 2; do
+    run "$root/seeds/${name}_s$s" 10 --milestones 8 --seed "$s" --eps "$eps" --alpha "$(python3 -c "print($eps / 20)")" \
+      --amp fp32 "$@" || return 1
+  done
+}
+seeds3() {
+  three cat_cent_0.3 0.3 --method cat --attack cent && three at_0.3 0.3 --method at "${adam[@]}" &&
+    three trades_0.3 0.3 --method trades --beta 1 "${adam[@]}" && three cat_cent_0.4 0.4 --method cat --attack cent &&
+    three trades_0.4 0.4 --method trades --beta 1 "${adam[@]}"
+}
 queue() {
   table cat_cent_0.3 0.3 --method cat --attack cent && table cat_cw_0.3 0.3 --method cat --attack cw &&
     table cat_cent_0.4 0.4 --method cat --attack cent && table cat_cw_0.4 0.4 --method cat --attack cw &&
     table trades_0.4 0.4 --method trades --beta 1 --steps 20 --alpha 0.02 --batch-size 100 --optimizer adam \
-      --lr 1e-3 && seed 2 && seed 3 && seed 4
+      --lr 1e-3 && seed 2 && seed 3 && seed 4 && seeds3
 }
 queue &
 [ "${LANE:-both}" = both ] && queue &
