@@ -6,6 +6,7 @@ python -m pytest -q -m "not slow" skips them.
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import cat
 import checkpoints
 import config
 import data
+import runs
 import train
 from conftest import HERE, METHOD_FLAGS, TINY, Payload, in_process, run_cli, write_fake_cifar
 
@@ -209,14 +211,26 @@ def test_resume_makes_metrics_agree_with_last_pt(tmp_path):
     line = lambda epoch: json.dumps({"epoch": epoch, "val_pgd20": 50.0 + epoch})
     ckpt = {"epoch": 2, "metrics": json.loads(line(2))}
     write_lines(tmp_path / "metrics.jsonl", [line(1), line(2), line(3), '{"epoch": 4, "val'])   # ahead of last.pt
-    train.reconcile_metrics(str(tmp_path), ckpt)
+    runs.reconcile_metrics(str(tmp_path), ckpt)
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [line(1), line(2)]
     write_lines(tmp_path / "metrics.jsonl", [line(1)])              # behind: the line is in the checkpoint
-    train.reconcile_metrics(str(tmp_path), ckpt)
+    runs.reconcile_metrics(str(tmp_path), ckpt)
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [line(1), line(2)]
     os.remove(tmp_path / "metrics.jsonl")
-    train.reconcile_metrics(str(tmp_path), {"epoch": 0, "metrics": None})       # stopped in epoch 1
+    runs.reconcile_metrics(str(tmp_path), {"epoch": 0, "metrics": None})       # stopped in epoch 1
     assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_resume_rebuilds_a_deleted_metrics_file_and_names_what_it_cannot(tmp_path):
+    line = lambda epoch: json.dumps({"epoch": epoch, "val_pgd20": 50.0 + epoch})
+    history = [json.loads(line(e)) for e in (1, 2, 3)]
+    runs.reconcile_metrics(str(tmp_path), {"epoch": 3, "metrics": history[-1], "history": history})
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [line(1), line(2), line(3)]
+    os.remove(tmp_path / "metrics.jsonl")
+    said = []                                   # a checkpoint saved before "history": the last epoch only
+    runs.reconcile_metrics(str(tmp_path), {"epoch": 3, "metrics": history[-1]}, said.append)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [line(3)]
+    assert said and "epoch(s) 1, 2" in said[0]
 
 
 def test_resume_refuses_a_checkpoint_with_code(tmp_path, capsys):
@@ -288,7 +302,7 @@ def test_a_checkpoint_of_the_previous_format_resumes_with_its_own_schedule(tmp_p
         real_run_epoch(nets, train_split, cfg, rt, state, stop)
     monkeypatch.setattr(train, "run_epoch", run_epoch)
     train.main(["--out", out, "--resume"])
-    assert "run ETA" in capsys.readouterr().out
+    assert re.search(r"ETA epoch \S+ run \S+", capsys.readouterr().out)
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["epoch"] for r in records] == [1, 2] and records[1]["lr"] == pytest.approx(1e-4)
     saved = json.load(open(os.path.join(out, "config.json")))
@@ -374,6 +388,20 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path):
     assert_same_weights(os.path.join(straight, "last.pt"), os.path.join(cut, "last.pt"))
 
 
+def test_a_second_interrupt_ends_in_one_line(capsys):
+    stop = runs.StopFlag()
+    try:
+        stop.where = lambda: "runs/r1/last.pt holds the run at the end of epoch 2"
+        stop.handle(signal.SIGTERM, None)
+        assert stop.set and "SIGTERM: stopping after this batch" in capsys.readouterr().out
+        with pytest.raises(SystemExit) as e:
+            stop.handle(signal.SIGINT, None)
+    finally:
+        stop.restore()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1
+    assert "Ctrl-C again: stopped without saving" in err[0] and "end of epoch 2" in err[0]
+
 
 # ============================================================================ progress
 
@@ -394,9 +422,9 @@ def test_validation_reports_progress_and_stops_at_a_ctrl_c(monkeypatch):
 
 def test_the_run_eta_counts_the_epochs_left_and_their_validation():
     cfg = {"epochs": 3}
-    state = train.State(epoch=2, step=1, record={"epoch": 1, "val_seconds": 10.0})
+    state = runs.State(epoch=2, step=1, history=[{"epoch": 1, "val_seconds": 10.0}])
     assert train.run_eta(cfg, state, 4, 1.0) == "0m27s"           # 3 + 4 batches at 1/s, two validations of 10 s
-    assert train.run_eta(cfg, train.State(epoch=1), 4, 2.0) == "0m06s + validation"    # none measured yet
+    assert train.run_eta(cfg, runs.State(epoch=1), 4, 2.0) == "0m06s + validation"    # none measured yet
 
 
 # ============================================================================ guards
@@ -425,7 +453,7 @@ def test_slim_keeps_the_model_and_drops_what_only_resume_needs(tmp_path):
     train.main(TINY + ["--epochs", "1", "--out", out])
     best = os.path.join(out, "best.pt")
     before, size = checkpoints.load_model(best), os.path.getsize(best)
-    assert checkpoints.slim(best) == ["opt_f", "opt_g", "partial", "rng", "step"]
+    assert checkpoints.slim(best) == ["history", "opt_f", "opt_g", "partial", "rng", "step"]
     after = checkpoints.load_model(best)
     assert sorted(torch.load(best, weights_only=True)) == sorted(checkpoints.MODEL_KEYS)
     assert os.path.getsize(best) < size / 2
@@ -507,13 +535,29 @@ def test_a_full_disk_at_the_end_of_an_epoch_is_one_line_and_resumable(where, tmp
     assert epochs_in(out) == [1, 2]
 
 
+NAN_RUN = ["--epochs", "1", "--optimizer", "sgd", "--lr", "1e30", "--amp", "fp32"]
+
+
 @pytest.mark.slow
 def test_a_non_finite_loss_in_a_new_run_says_nothing_is_saved(tmp_path, capsys):
-    out, _ = one_epoch_run(tmp_path, capsys)
-    code, err = in_process(TINY + ["--epochs", "1", "--out", out, "--overwrite", "--optimizer", "sgd",
-                                   "--lr", "1e30", "--amp", "fp32"], capsys)
+    out = str(tmp_path / "run")
+    code, err = in_process(TINY + NAN_RUN + ["--out", out], capsys)
     assert code == 1 and len(err) == 1 and "non-finite loss at epoch 1 step" in err[0]
     assert "nothing of this run is saved" in err[0] and not os.path.exists(os.path.join(out, "last.pt"))
+
+
+@pytest.mark.slow
+def test_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path, capsys):
+    out, _ = one_epoch_run(tmp_path, capsys)
+    files = lambda: {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))}
+    before = files()
+    code, err = in_process(TINY + NAN_RUN + ["--out", out, "--overwrite"], capsys)      # dies at step 2
+    assert code == 1 and len(err) == 1 and "is kept as it was" in err[0]
+    assert files() == before
+    train.main(TINY + ["--epochs", "1", "--out", out, "--overwrite", "--seed", "1"])     # saves: replaces it
+    after = files()
+    assert json.loads(after["config.json"])["seed"] == 1 and after["last.pt"] != before["last.pt"]
+    assert epochs_in(out) == [1]
 
 
 @pytest.mark.slow

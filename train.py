@@ -18,24 +18,19 @@ the runtime (device, dtype, compile, DDP) and the loop, in that order.
 import json
 import math
 import os
-import pathlib
-import shlex
-import signal
-import sys
 import time
-from contextlib import nullcontext, suppress
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
 import attacks
 import cat
-import checkpoints
 import common
 import config
 import data
 import models
+import runs
 
 # ============================================================================ one training step
 
@@ -200,152 +195,14 @@ class Runtime:
         return t.tolist()
 
 
-# ============================================================================ the loop: state, checkpoints, epochs
+# ============================================================================ the loop
 
 PROGRESS_S = 30                     # seconds between progress lines, in training and in validation
-
-
-@dataclass
-class State:
-    """Where a run stands, in one place: the loop moves it on, last.pt stores it."""
-    epoch: int = 1                  # the epoch in progress, 1-based
-    step: int = 0                   # its batches done (non-zero at the start only after a Ctrl-C)
-    sums: dict = field(default_factory=dict)     # logged name -> sum over those batches
-    seconds: float = 0.0            # their training time
-    best: dict = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "pgd20": 0.0})  # % on val
-    record: dict = None             # metrics.jsonl's line of the last epoch completed
-    saved: tuple = None             # (epochs completed, batches of the next) that last.pt holds; None: no last.pt
-
-
-def checkpoint(nets, cfg, state):
-    """Everything a run needs to continue: plain state_dicts, optimizers, RNG, progress.
-    epoch: epochs completed; step, partial: batches of epoch+1 already done and their sums;
-    metrics: metrics.jsonl's line of epoch `epoch`, so that a resume can write it if it is missing."""
-    partial = {"sums": {k: float(v) for k, v in state.sums.items()}, "seconds": state.seconds} if state.step else {}
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    return {"model": nets.f.state_dict(), "mask": nets.g.state_dict() if nets.g else None,
-            "opt_f": nets.opt_f.state_dict(), "opt_g": nets.opt_g.state_dict() if nets.g else None,
-            "config": {k: v for k, v in cfg.items() if k != "explicit"}, "epoch": state.epoch - 1,
-            "step": state.step, "partial": partial, "best": dict(state.best), "rng": rng, "metrics": state.record}
-
-
-def save(obj, path, state=None):
-    """checkpoints.save, or one line naming the file and exit 1 (a full disk, a vanished folder); the copy
-    already there stays intact. With `state`, remember that last.pt now holds it."""
-    try:
-        checkpoints.save(obj, path)
-    except checkpoints.CheckpointError as e:
-        common.die(str(e), 1)
-    if state is not None:
-        state.saved = (obj["epoch"], obj["step"])
-
-
-def on_disk(out, state):
-    """What last.pt holds, said for an error message."""
-    last = os.path.join(out, "last.pt")
-    if state.saved is None or not os.path.isfile(last):
-        return "nothing of this run is saved yet"
-    epoch, step = state.saved
-    return f"{last} holds the run at " + (f"batch {step} of epoch {epoch + 1}" if step else f"the end of epoch {epoch}")
-
-
-def check_out(out):
-    """One line and exit 2 unless --out is a folder, or can be made one, that this process may write in."""
-    path = os.path.abspath(out)
-    while not os.path.exists(path):         # the deepest part of the path that exists
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        where = "is a file" if path == os.path.abspath(out) else f"lies under the file {path}"
-        common.die(f"--out {out} {where}, not a folder; choose another --out")
-    if not os.access(path, os.W_OK | os.X_OK):
-        common.die(f"--out {out}: {path} is not writable; choose another --out")
-
-
-def open_run(cfg):
-    """(cfg, None) for a new run, refusing an --out that holds one unless --overwrite; with --resume, the
-    resumed run's config (see config.resumed) and its checkpoint. A finished run resumed without a larger
-    --epochs says so and exits 0."""
-    check_out(cfg["out"])
-    last = os.path.join(cfg["out"], "last.pt")
-    if not cfg["resume"]:
-        if os.path.exists(last) and not cfg["overwrite"]:
-            common.die(f"{cfg['out']} already holds a run; pass --resume to continue it, --overwrite to replace "
-                       "it, or choose another --out")
-        return cfg, None
-    if not os.path.isfile(last):
-        common.die(f"--resume: {last} does not exist; start the run without --resume")
-    try:
-        ckpt = checkpoints.load_checkpoint(last)
-    except checkpoints.CheckpointError as e:
-        common.die(f"--resume: {e}")
-    cfg = config.resumed(cfg, ckpt["config"])
-    if ckpt["epoch"] >= cfg["epochs"]:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{cfg['out']} has finished: epochs trained {ckpt['epoch']}, --epochs {cfg['epochs']}; nothing "
-                  f"to do (to train longer, resume with a larger --epochs)", flush=True)
-        sys.exit(0)
-    return cfg, ckpt
-
-
-def restore(nets, ckpt):
-    """Networks, optimizers and RNG as the checkpoint left them; returns the run's State."""
-    try:
-        nets.f.load_state_dict(ckpt["model"])
-        nets.opt_f.load_state_dict(ckpt["opt_f"])
-        if nets.g is not None:
-            nets.g.load_state_dict(ckpt["mask"])
-            nets.opt_g.load_state_dict(ckpt["opt_g"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        common.die(f"--resume: the checkpoint does not fit this run ({str(e).splitlines()[0][:160]})")
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    partial = ckpt["partial"]
-    return State(ckpt["epoch"] + 1, ckpt["step"], dict(partial.get("sums", {})), partial.get("seconds", 0.0),
-                 ckpt["best"], ckpt.get("metrics"), (ckpt["epoch"], ckpt["step"]))
-
-
-def reconcile_metrics(out, ckpt):
-    """metrics.jsonl as last.pt has it: lines of epochs the checkpoint has not completed go (a crash after the
-    line was written and before last.pt was), and so does a half-written line; the checkpoint's own epoch's
-    line is added if it is missing (a crash between writing last.pt and the line)."""
-    path, lines = os.path.join(out, "metrics.jsonl"), []
-    with suppress(FileNotFoundError):
-        lines = open(path).read().splitlines()
-    records = []
-    for line in lines:
-        with suppress(ValueError):
-            records.append(json.loads(line))
-    kept = [r for r in records if isinstance(r, dict) and r.get("epoch", math.inf) <= ckpt["epoch"]]
-    last = ckpt.get("metrics")
-    if last and last["epoch"] == ckpt["epoch"] and all(r["epoch"] != last["epoch"] for r in kept):
-        kept.append(last)
-    if [json.dumps(r) for r in kept] != lines:
-        common.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
 
 def fmt_time(seconds):
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class StopFlag:
-    """First Ctrl-C (or SIGTERM) asks the loop to save and stop after the current step; a second one kills.
-    restore() gives the signals back to whoever had them (a notebook, a test runner)."""
-
-    def __init__(self):
-        self.set = False
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-        print("\nstopping after this batch and saving; press Ctrl-C again to abort without saving", flush=True)
 
 
 def has_collapsed(best_pgd20, pgd20):
@@ -378,39 +235,24 @@ def load_data(cfg, rt):
     return train, val
 
 
-def setup(argv):
+def setup(argv, stop):
     """(cfg, rt, nets, train, val, state) of a new run, or of the run in --out with --resume."""
-    cfg, ckpt = open_run(config.parse_config(argv))
+    cfg, ckpt = runs.open_run(config.parse_config(argv))
     rt = Runtime(cfg)
     cfg["amp"] = "bf16" if rt.bf16 else "fp32"             # what runs, not "auto"
     train, val = load_data(cfg, rt)
     torch.manual_seed(cfg["seed"] + rt.rank)
-    nets, state = build_nets(cfg), State()
+    nets = build_nets(cfg)
+    rt.log("config:", json.dumps(runs.saved_config(cfg)))
+    state = runs.begin(cfg, nets, ckpt, rt.main, rt.log)
+    stop.where = lambda: runs.on_disk(cfg["out"], state)
     if ckpt is not None:
-        state = restore(nets, ckpt)
-        if rt.main:
-            reconcile_metrics(cfg["out"], ckpt)
         where = ("its validation" if state.step == batches_per_epoch(len(train), cfg, rt) else
                  f"batch {state.step + 1}" if state.step else "")
         rt.log(f"resuming {cfg['out']} at epoch {state.epoch}" + (f", {where}" if where else ""))
-    elif rt.main:
-        try:
-            os.makedirs(cfg["out"], exist_ok=True)
-            for name in ("metrics.jsonl", "best.pt", "last.pt"):        # --overwrite: nothing of the old run
-                with suppress(FileNotFoundError):
-                    os.remove(os.path.join(cfg["out"], name))
-        except OSError as e:
-            common.die(f"--out {cfg['out']}: {checkpoints.one_line(e)}")
     rt.wrap(nets, cfg)
-    saved = {k: v for k, v in sorted(cfg.items()) if k != "explicit"}
-    rt.log("config:", json.dumps(saved))
     rt.log(f"device {rt.device}, {'bf16 autocast' if rt.bf16 else 'fp32'}, processes {rt.world}, "
            f"train {len(train)} / val {len(val) * rt.world} examples")
-    if rt.main:
-        try:
-            common.write_json(saved, os.path.join(cfg["out"], "config.json"))
-        except OSError as e:
-            common.die(f"could not write {os.path.join(cfg['out'], 'config.json')} ({checkpoints.one_line(e)})", 1)
     return cfg, rt, nets, train, val, state
 
 
@@ -441,13 +283,13 @@ def run_epoch(nets, train, cfg, rt, state, stop):
             bad = (~torch.isfinite(step_losses[:state.step])).nonzero()
             if len(bad):
                 common.die(f"non-finite loss at epoch {state.epoch} step {bad[0].item() + 1}; stopped without "
-                           f"saving: {on_disk(cfg['out'], state)} (a new run with a lower --lr or --amp fp32 "
+                           f"saving: {runs.on_disk(cfg['out'], state)} (a new run with a lower --lr or --amp fp32 "
                            "may avoid it)", 1)
             last_print = time.time()
             rate = (state.step - start) / (last_print - t0)                           # steps per second
-            rt.log(f"epoch {state.epoch} [{state.step}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, epoch ETA "
-                   f"{fmt_time((n_batches - state.step) / rate)}, run ETA {run_eta(cfg, state, n_batches, rate)}, " +
-                   " ".join(f"{k} {v.item() / state.step:.4f}" for k, v in state.sums.items()))
+            shown = " ".join(f"{k} {state.sums[k].item() / state.step:.3f}" for k in ("loss_f", "mask") if k in state.sums)
+            rt.log(f"epoch {state.epoch} [{state.step}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, ETA epoch "
+                   f"{fmt_time((n_batches - state.step) / rate)} run {run_eta(cfg, state, n_batches, rate)}, {shown}")
         if stop.set:
             break
 
@@ -485,8 +327,8 @@ def validate(f, val, cfg, rt, stop, epoch, steps=20, batch_size=500):
 
 def end_epoch(nets, counts, val_seconds, cfg, rt, state, n_train):
     """From the all-reduced validation counts (so that every DDP process decides alike): choose best.pt and
-    decide on a collapse; rank 0 writes best.pt, then last.pt, then metrics.jsonl's line, so the line is never
-    ahead of last.pt. Moves state on to the next epoch; returns whether robust accuracy collapsed."""
+    decide on a collapse; rank 0 saves (runs.save_epoch). Moves state on to the next epoch; returns whether
+    robust accuracy collapsed."""
     nat, rob, n = counts
     nat, rob = 100 * nat / n, 100 * rob / n
     epoch, best = state.epoch, state.best
@@ -499,7 +341,8 @@ def end_epoch(nets, counts, val_seconds, cfg, rt, state, n_train):
     if improved:
         best.update(score=nat + rob, epoch=epoch)
     best["pgd20"] = max(rob, best["pgd20"])
-    state.epoch, state.step, state.sums, state.seconds, state.record = epoch + 1, 0, {}, 0.0, record
+    state.epoch, state.step, state.sums, state.seconds = epoch + 1, 0, {}, 0.0
+    state.history.append(record)
     rt.log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% (train {fmt_time(record['seconds'])}, "
            f"validation {fmt_time(val_seconds)})" +
            ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
@@ -507,42 +350,21 @@ def end_epoch(nets, counts, val_seconds, cfg, rt, state, n_train):
         rt.log(f"WARNING: the mean mask was {record['mask']:.4f} over epoch {epoch}: x_cali is "
                f"{'x' if record['mask'] < 0.01 else 'x + delta'}, so this is not CAT (the mask collapse; see README)")
     if rt.main:
-        ckpt = checkpoint(nets, cfg, state)
-        if improved:
-            save(ckpt, os.path.join(cfg["out"], "best.pt"))
-        save(ckpt, os.path.join(cfg["out"], "last.pt"), state)
-        path = os.path.join(cfg["out"], "metrics.jsonl")
-        try:
-            with open(path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-        except OSError as e:
-            common.die(f"could not add epoch {epoch} to {path} ({checkpoints.one_line(e)}); last.pt holds it "
-                       "and --resume writes the line", 1)
+        runs.save_epoch(nets, cfg, state, improved)
     return collapsed
 
 
-def stop_and_save(nets, cfg, rt, state):
-    """After a Ctrl-C: last.pt holds the run as it stands (in validation: all batches trained, so a resume
-    validates again), the resume command is printed, exit 130."""
-    last = os.path.join(cfg["out"], "last.pt")
-    if rt.main:
-        save(checkpoint(nets, cfg, state), last, state)
-    rt.log(f"saved {last} at epoch {state.epoch}, batch {state.step}; continue with: "
-           f"python train.py --out {shlex.quote(cfg['out'])} --resume")
-    sys.exit(130)
-
-
 def main(argv=None):
-    stop = StopFlag()                 # first: a Ctrl-C at any point below ends in a clean save
+    stop = runs.StopFlag()            # first: a Ctrl-C at any point below ends in a clean save
     try:
-        cfg, rt, nets, train, val, state = setup(argv)
+        cfg, rt, nets, train, val, state = setup(argv, stop)
         run_start = time.time()
         while state.epoch <= cfg["epochs"]:
             run_epoch(nets, train, cfg, rt, state, stop)
             t0 = time.time()
             counts = None if stop.set else validate(nets.f, val, cfg, rt, stop, state.epoch)
             if counts is None:
-                stop_and_save(nets, cfg, rt, state)
+                runs.stop_and_save(nets, cfg, state, rt.main, rt.log)
             if end_epoch(nets, rt.all_sum(counts), time.time() - t0, cfg, rt, state, len(train)) \
                     and cfg["stop_on_collapse"]:
                 rt.log(f"--stop-on-collapse: stopped at epoch {state.epoch - 1}; best.pt (epoch "
@@ -550,8 +372,8 @@ def main(argv=None):
                 break
         rt.log(f"done in {fmt_time(time.time() - run_start)}; best epoch {state.best['epoch']} "
                f"(val natural + PGD-20 = {state.best['score']:.2f}) -> {os.path.join(cfg['out'], 'best.pt')}")
-        if rt.world > 1:        # every rank done (rank 0 writes last) before any tears gloo down: once, after
-            dist.barrier()      # --stop-on-collapse, rank 1 died of SIGABRT at teardown while rank 0 still wrote
+        if rt.world > 1:        # every rank done (rank 0 writes last) before any tears the process group down
+            dist.barrier()
             dist.destroy_process_group()
     finally:
         stop.restore()
