@@ -48,6 +48,21 @@ def pick_device(choice="auto", index=0):
     return torch.device("cuda", index) if choice != "cpu" and torch.cuda.is_available() else torch.device("cpu")
 
 
+def bf16_available(device, cpuinfo="/proc/cpuinfo"):
+    """Whether bf16 autocast pays off: a GPU that supports it, or a CPU with native bf16 instructions
+    (avx512_bf16 or amx_bf16 among the flags in /proc/cpuinfo). oneDNN also runs bf16 on plain AVX-512 by
+    emulating it, measured 3x slower than fp32 (MNIST CAT, one thread): that counts as no, and so does a
+    CPU whose flags cannot be read (no /proc/cpuinfo)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open(cpuinfo) as fh:
+            flags = {word for line in fh if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def exact_fp32():
     """IEEE fp32 in every matmul and convolution (cuBLAS, cuDNN, oneDNN): no TF32, which torch uses for
     cuDNN convolutions by default and which rounds their inputs to 10 mantissa bits. bf16 autocast regions

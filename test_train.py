@@ -20,6 +20,7 @@ from hypothesis import given, settings, strategies as st
 import attacks
 import cat
 import checkpoints
+import common
 import config
 import data
 import runs
@@ -181,13 +182,13 @@ def test_auto_picks_bf16_only_on_a_cpu_that_has_it(flags, native, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     if flags is not None:
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    assert train.bf16_available(torch.device("cpu"), str(cpuinfo)) is native
+    assert common.bf16_available(torch.device("cpu"), str(cpuinfo)) is native
 
 
 def test_the_runtime_records_its_precision_and_is_ieee_fp32(monkeypatch):
     torch.backends.fp32_precision = "tf32"
     for native in (False, True):
-        monkeypatch.setattr(train, "bf16_available", lambda device: native)
+        monkeypatch.setattr(common, "bf16_available", lambda device: native)
         rt = train.Runtime(config.parse_config(["--device", "cpu"]))
         assert rt.bf16 is native
     assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"

@@ -12,8 +12,9 @@ Per batch (Sec. 4.4 of the paper; the order is the authors' code's):
   4. update g  on Eq. 14 with the *updated* f fixed, reusing M's graph from step 2
 g_phi runs forward once per batch, and step 4 computes no gradient for f's parameters.
 The baselines skip steps 2 and 4 (x_cali = x + delta) and use their own loss in step 3.
-The flags and the paper's settings they default to are in config.py; this file holds the step,
-the runtime (device, dtype, compile, DDP) and the loop, in that order.
+This file holds the step, the runtime (device, dtype, compile, DDP) and the loop, in that order; the
+flags and the paper's settings they default to are in config.py, the run folder (resume, saving,
+Ctrl-C) in runs.py.
 """
 import json
 import math
@@ -125,21 +126,6 @@ def mask_step(nets, x, y, delta, z, mask, cfg):
 
 # ============================================================================ runtime: device, dtype, compile, DDP
 
-def bf16_available(device, cpuinfo="/proc/cpuinfo"):
-    """Whether bf16 autocast pays off: a GPU that supports it, or a CPU with native bf16 instructions
-    (avx512_bf16 or amx_bf16 among the flags in /proc/cpuinfo). oneDNN also runs bf16 on plain AVX-512 by
-    emulating it, measured 3x slower than fp32 (MNIST CAT, one thread): that counts as no, and so does a
-    CPU whose flags cannot be read (no /proc/cpuinfo)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open(cpuinfo) as fh:
-            flags = {word for line in fh if line.startswith("flags") for word in line.split(":", 1)[1].split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
 class Runtime:
     """The one place that decides device, autocast dtype, memory format, compile and DDP."""
 
@@ -153,7 +139,7 @@ class Runtime:
             torch.backends.cudnn.benchmark = True
         if self.world > 1:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and bf16_available(self.device))
+        self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and common.bf16_available(self.device))
         self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
 
     def autocast(self):
