@@ -529,6 +529,7 @@ def test_a_full_disk_at_the_end_of_an_epoch_is_one_line_and_resumable(where, tmp
         monkeypatch.setattr(os, "replace", full_disk(real_replace))
     code, err = in_process(TINY + ["--epochs", "2", "--out", out], capsys)
     assert code == 1 and len(err) == 1 and "could not write" in err[0] and "No space left" in err[0], err
+    assert f"end of epoch 1; continue with: python train.py --out {out} --resume" in err[0]
     assert sorted(os.listdir(out)) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]    # no temp file
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1 and epochs_in(out) == [1]
     monkeypatch.undo()
