@@ -15,12 +15,15 @@ on return. Gradients are taken with respect to the input only, so no parameter's
 is touched. Autocast, if the caller enabled it, applies to the model's
 forward passes; the perturbation itself is kept in x's dtype.
 
-This file imports torch and nothing else, so it can be copied alone into another project.
+This file imports torch and cat.py (the KL and the margin are written once, there): copy the two
+together into another project.
 """
 import contextlib
 
 import torch
 import torch.nn.functional as F
+
+import cat
 
 
 @contextlib.contextmanager
@@ -59,49 +62,47 @@ def project(x_adv, x, eps):
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
 
 
+def margin(logits, y):
+    """z_y - max_{j != y} z_j per example, in fp32: negative exactly when x is misclassified."""
+    logits = logits.float()
+    return logits.gather(1, y[:, None]).squeeze(1) - cat.max_other(logits, y)
+
+
 def cw_margin(logits, y, kappa):
     """Per-example CW-inf loss to maximise: -max(z_y - max_{j != y} z_j + kappa, 0).
 
     It grows until some wrong class beats the true class by kappa, then stays at 0.
     """
-    logits = logits.float()
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    z_other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return -(z_y - z_other + kappa).clamp(min=0.0)
+    return -(margin(logits, y) + kappa).clamp(min=0.0)
 
 
-def _loss_per_example(logits, y, loss, kappa, log_p_nat):
+def loss_fn(y, loss="ce", kappa=50.0, logits_nat=None):
+    """The per-example loss an attack ascends, as a function of the logits at x_adv: "ce", "cw" (CW-inf
+    margin with confidence kappa) or "kl" (TRADES' inner loss KL(P(.|x) || P(.|x_adv)), from logits_nat)."""
     if loss == "ce":
-        return F.cross_entropy(logits.float(), y, reduction="none")
+        return lambda logits: F.cross_entropy(logits.float(), y, reduction="none")
     if loss == "cw":
-        return cw_margin(logits, y, kappa)
-    if loss == "kl":   # TRADES' inner loss: KL(P(.|x) || P(.|x_adv)), needs no label
-        log_q = F.log_softmax(logits.float(), dim=1)
-        return (log_p_nat.exp() * (log_p_nat - log_q)).sum(1)
+        return lambda logits: cw_margin(logits, y, kappa)
+    if loss == "kl":
+        return lambda logits: cat.kl_per_example(logits_nat, logits)
     raise ValueError(f"unknown attack loss {loss!r}: use 'ce', 'cw' or 'kl'")
 
 
-def natural_log_probs(model, x, loss):
-    """log P(.|x), the fixed reference of the "kl" loss (None for the other losses)."""
+def natural_logits(model, x, loss):
+    """f(x), the fixed reference of the "kl" loss (None for the other losses)."""
     if loss != "kl":
         return None
     with torch.no_grad():
-        return F.log_softmax(model(x).float(), dim=1)
+        return model(x).float()
 
 
-def grad_and_logits(model, x_adv, y, loss="ce", kappa=50.0, log_p_nat=None):
-    """(gradient of the summed per-example loss w.r.t. x_adv, not the parameters; logits at x_adv)."""
+def grad_and_logits(model, x_adv, per_example):
+    """(gradient of sum(per_example(model(x_adv))) w.r.t. x_adv, not the parameters; logits at x_adv)."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x_adv)
-        value = _loss_per_example(logits, y, loss, kappa, log_p_nat).sum()
-        (grad,) = torch.autograd.grad(value, x_adv)
+        (grad,) = torch.autograd.grad(per_example(logits).sum(), x_adv)
     return grad, logits.detach()
-
-
-def input_grad(model, x_adv, y, loss="ce", kappa=50.0, log_p_nat=None):
-    """Gradient of the summed per-example loss with respect to x_adv (not the parameters)."""
-    return grad_and_logits(model, x_adv, y, loss, kappa, log_p_nat)[0]
 
 
 def random_init(x, eps, random_start):
@@ -115,7 +116,7 @@ def random_init(x, eps, random_start):
 def fgsm(model, x, y, eps):
     """FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps on the CE loss."""
     with eval_mode(model):
-        grad = input_grad(model, x, y)
+        grad, _ = grad_and_logits(model, x, loss_fn(y))
         return project(x + eps * grad.sign(), x, eps).detach()
 
 
@@ -131,10 +132,10 @@ def pgd(model, x, y, eps, alpha, steps, random_start=False, loss="ce", kappa=50.
     "kl"), as training code that attacks in train mode does. Default: eval mode.
     """
     with set_mode(model, train_mode):
-        log_p_nat = natural_log_probs(model, x, loss)
+        per_example = loss_fn(y, loss, kappa, natural_logits(model, x, loss))
         x_adv = random_init(x, eps, random_start)
         for _ in range(steps):
-            grad = input_grad(model, x_adv, y, loss, kappa, log_p_nat)
+            grad, _ = grad_and_logits(model, x_adv, per_example)
             x_adv = project(x_adv + alpha * grad.sign(), x, eps)
         return x_adv.detach()
 
@@ -156,12 +157,12 @@ def pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="kl", kappa=50.0, r
     whatever the batch, and processes that synchronise batch norm stay in step.
     """
     with set_mode(model, train_mode):
-        log_p_nat = natural_log_probs(model, x, loss)
+        per_example = loss_fn(y, loss, kappa, natural_logits(model, x, loss))
         x_adv = random_init(x, eps, random_start)
         budget = torch.full_like(y, tau)                  # steps still allowed after misclassification
         active = torch.ones_like(y, dtype=torch.bool)
         for _ in range(steps):
-            grad, logits = grad_and_logits(model, x_adv, y, loss, kappa, log_p_nat)
+            grad, logits = grad_and_logits(model, x_adv, per_example)
             wrong = logits.argmax(1) != y
             active &= ~(wrong & (budget == 0))
             budget -= (wrong & active).long()
@@ -172,25 +173,14 @@ def pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="kl", kappa=50.0, r
         return x_adv.detach()
 
 
-def _margin_and_grad(model, x_adv, y, t):
-    """Logits at x_adv (fp32, detached) and the input gradient of sum_i (z_t - z_y)_i."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(x_adv).float()
-        value = (logits.gather(1, t[:, None]) - logits.gather(1, y[:, None])).sum()
-        (grad,) = torch.autograd.grad(value, x_adv)
-    return logits.detach(), grad
-
-
 def _keep_stronger(best, x_adv, logits, y):
     """Per example, keep x_adv where its true-class margin z_y - max_{j != y} z_j is lower than
     the best so far. A margin < 0 means misclassified, so a success always beats a failure.
     best: (x (N, ...), margin (N,)); returns the updated pair."""
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    margin = z_y - logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    better = margin < best[1]
+    m = margin(logits, y)
+    better = m < best[1]
     x_best = torch.where(better.view(-1, *[1] * (x_adv.dim() - 1)), x_adv, best[0])
-    return x_best, torch.where(better, margin, best[1])
+    return x_best, torch.where(better, m, best[1])
 
 
 def mtpgd(model, x, y, eps, alpha, steps, num_targets=None, random_start=False):
@@ -211,10 +201,11 @@ def mtpgd(model, x, y, eps, alpha, steps, num_targets=None, random_start=False):
         k = n_wrong if num_targets is None else max(1, min(num_targets, n_wrong))
         targets = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).topk(k, 1).indices
         best = _keep_stronger((x.detach(), torch.full_like(y, float("inf"), dtype=logits.dtype)), x, logits, y)
-        for t in targets.unbind(1):                      # t: (N,), one target class per example
+        towards = lambda t: lambda z: (z.float().gather(1, t[:, None]) - z.float().gather(1, y[:, None])).squeeze(1)
+        for t in targets.unbind(1):                      # t: (N,), one target class per example; ascend z_t - z_y
             x_adv = project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps) if random_start else x.detach()
             for _ in range(steps):
-                logits, grad = _margin_and_grad(model, x_adv, y, t)
+                grad, logits = grad_and_logits(model, x_adv, towards(t))
                 best = _keep_stronger(best, x_adv, logits, y)
                 x_adv = project(x_adv + alpha * grad.sign(), x, eps)
             with torch.no_grad():

@@ -24,15 +24,25 @@ import torch
 import torch.nn.functional as F
 
 
-def kl_div(logits_p, logits_q):
-    """KL(P || Q) = sum_k P_k (log P_k - log Q_k), P = softmax(logits_p), Q = softmax(logits_q).
+def kl_per_example(logits_p, logits_q):
+    """KL(P || Q) = sum_k P_k (log P_k - log Q_k) per example, P = softmax(logits_p), Q = softmax(logits_q).
 
-    Summed over classes, averaged over the batch. Gradients flow into both arguments;
-    detach one at the call site if it is meant to be a fixed target.
+    Shape (N,). Gradients flow into both arguments; detach one at the call site if it is meant to be
+    a fixed target.
     """
     log_p = F.log_softmax(logits_p.float(), dim=1)
     log_q = F.log_softmax(logits_q.float(), dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def kl_div(logits_p, logits_q):
+    """KL(P || Q) summed over classes and averaged over the batch (TRADES' "batchmean")."""
+    return kl_per_example(logits_p, logits_q).mean()
+
+
+def max_other(t, y):
+    """max_{j != y} t_j per example, for logits or probabilities t of shape (N, K): the strongest wrong class."""
+    return t.masked_fill(F.one_hot(y, t.shape[1]).bool(), float("-inf")).amax(1)
 
 
 def weighted_ce(logits, y):
@@ -135,10 +145,8 @@ def mart_loss(logits_nat, logits_adv, y, beta):
     example; the KL is weighted per example by how badly x itself is classified.
     """
     log_p_adv = F.log_softmax(logits_adv.float(), dim=1)
-    p_adv = log_p_adv.exp()
-    wrong = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), -1.0).amax(1)   # max_{k != y} p'_k
+    wrong = max_other(log_p_adv.exp(), y)                                             # max_{k != y} p'_k
     bce = F.nll_loss(log_p_adv, y) - torch.log1p(-wrong.clamp(max=1 - 1e-6)).mean()
-    log_p_nat = F.log_softmax(logits_nat.float(), dim=1)
-    kl = (log_p_nat.exp() * (log_p_nat - log_p_adv)).sum(1)                           # (N,)
-    rob = (kl * (1.0 - log_p_nat.gather(1, y[:, None]).squeeze(1).exp())).mean()
+    p_y = F.softmax(logits_nat.float(), dim=1).gather(1, y[:, None]).squeeze(1)      # P(y|x), (N,)
+    rob = (kl_per_example(logits_nat, logits_adv) * (1.0 - p_y)).mean()
     return bce + beta * rob, bce.detach(), rob.detach()
