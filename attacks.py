@@ -199,7 +199,7 @@ def mtpgd(model, x, y, eps, alpha, steps, num_targets=None, random_start=False):
             logits = model(x).float()
         n_wrong = logits.shape[1] - 1
         k = n_wrong if num_targets is None else max(1, min(num_targets, n_wrong))
-        targets = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).topk(k, 1).indices
+        targets = cat.wrong_classes(logits, y).topk(k, 1).indices
         best = _keep_stronger((x.detach(), torch.full_like(y, float("inf"), dtype=logits.dtype)), x, logits, y)
         towards = lambda t: lambda z: (z.float().gather(1, t[:, None]) - z.float().gather(1, y[:, None])).squeeze(1)
         for t in targets.unbind(1):                      # t: (N,), one target class per example; ascend z_t - z_y

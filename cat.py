@@ -40,9 +40,14 @@ def kl_div(logits_p, logits_q):
     return kl_per_example(logits_p, logits_q).mean()
 
 
+def wrong_classes(t, y):
+    """Logits or probabilities t of shape (N, K) with each example's true class y set to -inf."""
+    return t.masked_fill(F.one_hot(y, t.shape[1]).bool(), float("-inf"))
+
+
 def max_other(t, y):
-    """max_{j != y} t_j per example, for logits or probabilities t of shape (N, K): the strongest wrong class."""
-    return t.masked_fill(F.one_hot(y, t.shape[1]).bool(), float("-inf")).amax(1)
+    """max_{j != y} t_j per example: the strongest wrong class."""
+    return wrong_classes(t, y).amax(1)
 
 
 def weighted_ce(logits, y):
