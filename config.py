@@ -49,11 +49,6 @@ ATTACK_LOSS = {"cent": "ce", "cw": "cw", "kl": "kl"}     # --attack name -> atta
 # untyped one keeps the run's saved value. ALWAYS come from the command line, typed or not.
 RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop_on_collapse", "compile"}
 ALWAYS = {"out", "resume", "overwrite"}
-# Settings newer than some saved runs, with the value those runs were trained with.
-BEFORE = {"attack_bn": "eval", "paper_exact": True, "wall_bound": 5.0}
-# Where and how a run ran, not what it trained: runs that differ only in these are seeds of one experiment (report.py);
-# the data's source among them, since both MNIST sources give the same split.
-NOT_THE_EXPERIMENT = (RESUMABLE - {"epochs", "stop_on_collapse"}) | {"seed", "data_source"}
 
 
 def build_parser():
@@ -192,9 +187,9 @@ def check_config(cfg):
 def resumed(cfg, saved):
     """The config of a resumed run: `saved` (its checkpoint's) for every flag left untyped, so that the run
     keeps its own length, dataset and schedule; a typed RESUMABLE flag replaces the saved value, and any
-    other typed flag must agree with it, or one line and exit 2. Saved configs older than today's may hold
-    "amp": "auto" and "start": null (now resolved when a run starts); they agree with any --amp and eps."""
-    old = as_today(saved)
+    other typed flag must agree with it, or one line and exit 2. A saved "amp": "auto" agrees with any --amp,
+    and a typed --amp auto with any saved precision."""
+    old = saved_settings(saved)
     for key in cfg["explicit"]:
         if key not in RESUMABLE and not (cfg[key] == old.get(key) or key == "amp" and "auto" in (cfg[key], old["amp"])):
             common.die(f"--{key.replace('_', '-')} {cfg[key]} differs from the run being resumed ({old.get(key)}); "
@@ -203,10 +198,11 @@ def resumed(cfg, saved):
     return {**cfg, **old, **typed, **{k: cfg[k] for k in ALWAYS}, "explicit": cfg["explicit"]}
 
 
-def as_today(saved):
-    """A config saved by an older train.py in today's terms: BEFORE's values for settings newer than it, and
-    the random start's radius resolved (null meant eps). "amp": "auto" stays: what it chose was not saved."""
-    old = {**BEFORE, **saved}
+def saved_settings(saved):
+    """A saved config (config.json, a checkpoint's) with two settings that some runs did not save filled in:
+    "start": null is the whole eps-ball, and an absent "wall_bound" is 5, the only bound any run has used
+    (results/README.md says which runs). "amp": "auto" stays: what it chose was not saved."""
+    old = {"wall_bound": 5.0, **saved}
     if old.get("start") is None and "eps" in old:
         old["start"] = old["eps"]
     return old

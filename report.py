@@ -10,7 +10,7 @@ A run is a train.py output folder (config.json or best.pt's config, metrics.json
 --eval, the evaluate.py JSON of that name in it) or a bare metrics.jsonl file. `label=run` names
 a column. Of the evaluation, the complete rows of the run's best.pt (by the hash of its weights)
 are taken; a folder without best.pt takes the rows of the one model its JSON holds. Runs whose
-configs differ only in config.NOT_THE_EXPERIMENT (the seed, where and on what device they ran) form
+configs differ only in NOT_THE_EXPERIMENT (the seed, where and on what device they ran) form
 one group; the seeds table gives each number of a group as mean +- sd over its runs (sample
 standard deviation, n - 1), n the values behind each cell, and says when seeds were evaluated on
 different numbers of test images. Accuracies are in %.
@@ -29,8 +29,11 @@ import checkpoints
 import common
 import verdicts
 from common import OneLineParser, die
-from config import NOT_THE_EXPERIMENT, as_today
+from config import RESUMABLE, saved_settings
 METHODS = {"at": "AT", "trades": "TRADES", "mart": "MART", "fat": "FAT"}
+# Where and how a run ran, not what it trained: runs that differ only in these are seeds of one experiment;
+# the data's source among them, since both MNIST sources give the same split.
+NOT_THE_EXPERIMENT = (RESUMABLE - {"epochs", "stop_on_collapse"}) | {"seed", "data_source"}
 
 
 # ============================================================================ reading runs
@@ -46,14 +49,14 @@ def read_json(path, lines=False):
 
 
 def read_config(folder):
-    """A run folder's config in today's terms (config.as_today: a run saved before the start radius was
-    resolved groups with today's): config.json, else the one saved in best.pt or last.pt; None if neither."""
+    """A run folder's config with the settings it ran with (config.saved_settings: a saved null start is eps):
+    config.json, else the one saved in best.pt or last.pt; None if neither."""
     path = os.path.join(folder, "config.json")
     if os.path.isfile(path):
-        return as_today(read_json(path))
+        return saved_settings(read_json(path))
     for name in ("best.pt", "last.pt"):
         if os.path.isfile(os.path.join(folder, name)):
-            return as_today(checkpoints.load_checkpoint(os.path.join(folder, name))["config"])
+            return saved_settings(checkpoints.load_checkpoint(os.path.join(folder, name))["config"])
     return None
 
 

@@ -374,3 +374,5 @@ def test_augment_is_a_crop_and_flip():
                  for a in range(9) for b in range(9)]
         assert any(match)
     assert not torch.equal(out, x)
+    constant = torch.full((32, 3, 8, 8), 0.5)
+    assert torch.equal(data.augment(constant), constant)       # a constant image stays constant: no zero border

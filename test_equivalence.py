@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 import attacks
 import config
-import data
 import models
 import train
 
@@ -269,13 +268,6 @@ def test_schedules_follow_the_authors_code():
     assert schedule("--dataset", "cifar100", "--arch", "wrn34_10") == (120, [100, 110])
     assert schedule("--dataset", "cifar10", "--arch", "wrn34_10", "--method", "trades") == (76, [74])
     assert schedule("--dataset", "cifar10", "--arch", "wrn34_10", "--milestones", "50") == (140, [50])
-
-
-def test_augment_pads_by_reflection():
-    """A constant image stays constant under any crop and flip: no zero border comes in
-    (test_cat.py checks that each output is a window of the reflect-padded image)."""
-    torch.manual_seed(0)
-    assert torch.equal(data.augment(torch.full((32, 3, 8, 8), 0.5)), torch.full((32, 3, 8, 8), 0.5))
 
 
 def test_cifar_mask_network_reads_raw_pixels():
