@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -388,6 +389,15 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path):
     assert ckpt["epoch"] == 0 and 0 < ckpt["step"] < 40
     run_cli("train.py", "--out", cut, "--resume")             # as printed: the run keeps its own flags
     assert_same_weights(os.path.join(straight, "last.pt"), os.path.join(cut, "last.pt"))
+
+
+def test_the_readme_first_command_pins_the_precision_of_its_numbers():
+    """The README's expected numbers are fp32's: --amp auto would train in bf16 on a CPU that has it, and
+    bf16 moves FGSM by several points from CPU to CPU."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    command = readme.split("```bash", 1)[1].split("```", 1)[0]
+    argv = shlex.split(command.split("python train.py", 1)[1].split("&&", 1)[0])
+    assert config.parse_config(argv)["amp"] == "fp32"
 
 
 def test_a_second_interrupt_ends_in_one_line(capsys):
