@@ -75,7 +75,8 @@ def build_parser():
     a("--steps", type=int, help="PGD steps T of the training attack. default: 20 (mnist), 10 (cifar)")
     a("--kappa", type=float, help="CW confidence for --attack cw, in logits. default: 150 (mnist), 50 (cifar)")
     a("--start", type=common.fraction, help="radius of the uniform random start of the training attack, pixel "
-      "units, at most eps. default: eps (the paper); the authors' MNIST code uses 0.1")
+      "units, at most eps; 0 starts at x, as the paper's test attack. default: eps (the paper); the authors' MNIST "
+      "code uses 0.1")
     a("--attack-bn", choices=["train", "eval"], help="mode of f's batch norm and dropout in the training attack and "
       "in CAT's g_phi update (Eq. 14): train = batch statistics, running statistics updated by each forward (the CAT "
       "authors' and Madry et al.'s code); eval = running statistics, frozen (TRADES', MART's and FAT's code). "
@@ -151,8 +152,8 @@ def check_config(cfg):
                 f"{' or '.join(models.CLASSIFIERS[cfg['dataset']])}")
     if not 0 < cfg["eps"] <= 1:
         return f"--eps {cfg['eps']} must be in (0, 1] pixel units, e.g. 0.3 or 8/255"
-    for keys, ok, rule in [(("alpha", "start", "lr", "wall_bound"), lambda v: v > 0, "> 0"),
-                           (("beta", "beta1", "kappa", "momentum", "weight_decay"), lambda v: v >= 0, ">= 0"),
+    for keys, ok, rule in [(("alpha", "lr", "wall_bound"), lambda v: v > 0, "> 0"),
+                           (("start", "beta", "beta1", "kappa", "momentum", "weight_decay"), lambda v: v >= 0, ">= 0"),
                            (("steps", "epochs", "batch_size", "subset", "val_size"), lambda v: v >= 1, ">= 1")]:
         bad = [key for key in keys if cfg[key] is not None and not ok(cfg[key])]
         if bad:

@@ -44,7 +44,7 @@ BAD_FLAGS = [
     (["--eps", "-0.1"], "--eps"), (["--alpha", "0"], "--alpha"), (["--steps", "0"], "--steps"),
     (["--beta", "-1"], "--beta"), (["--beta1", "-0.1"], "--beta1"), (["--epochs", "0"], "--epochs"),
     (["--eps", "abc"], "--eps"), (["--method", "at", "--no-mask"], "--no-mask"),
-    (["--lr", "0"], "--lr 0.0 must be > 0"), (["--start", "0"], "--start 0.0 must be > 0"),
+    (["--lr", "0"], "--lr 0.0 must be > 0"), (["--start", "-0.1"], "--start -0.1 must be >= 0"),
     (["--attack", "cw", "--kappa", "-1"], "--kappa -1.0 must be >= 0"), (["--batch-size", "0"], "--batch-size 0"),
     (["--subset", "0"], "--subset 0 must be >= 1"), (["--val-size", "0"], "--val-size 0 must be >= 1"),
     (["--resume", "--overwrite"], "exclude each other"),
@@ -389,6 +389,14 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path):
     assert ckpt["epoch"] == 0 and 0 < ckpt["step"] < 40
     run_cli("train.py", "--out", cut, "--resume")             # as printed: the run keeps its own flags
     assert_same_weights(os.path.join(straight, "last.pt"), os.path.join(cut, "last.pt"))
+
+
+def test_start_0_trains_on_pgd_from_x_itself():
+    cfg = config.parse_config(["--dataset", "mnist", "--method", "at", "--start", "0", "--steps", "2"])
+    torch.manual_seed(0)
+    f, x, y = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), torch.rand(4, 1, 28, 28), torch.arange(4)
+    expected = attacks.pgd(f, x, y, cfg["eps"], cfg["alpha"], 2, random_start=False, train_mode=True) - x
+    assert cfg["start"] == 0 and torch.equal(train.perturb(f, x, y, cfg), expected)
 
 
 def test_the_readme_first_command_pins_the_precision_of_its_numbers():
