@@ -251,7 +251,8 @@ def test_one_step_changes_both_networks():
 
 
 def test_f_gradient_is_eq13_only():
-    """Eq. 14's backward must add nothing to f's gradients, and g's forward is reused, not rerun."""
+    """Eq. 14's backward must add nothing to f's gradients, and g's forward is reused, not rerun (MNIST's g_phi has no
+    batch norm, so no forward for its running statistics either)."""
     cfg, nets, x, y = small_setup("--lr", "1e-30")        # f and g practically unchanged by the step
     f, g = nets.f, nets.g
     calls = []
