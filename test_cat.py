@@ -3,6 +3,7 @@ training step. The data files are in test_data.py, the training runs and command
 
     python -m pytest -q -m "not slow"        # this file and the fast checks of the others
 """
+import copy
 import math
 
 import pytest
@@ -250,7 +251,8 @@ def test_one_step_changes_both_networks():
 
 
 def test_f_gradient_is_eq13_only():
-    """Eq. 14's backward must add nothing to f's gradients, and g's forward is reused, not rerun."""
+    """Eq. 14's backward must add nothing to f's gradients, and g's forward is reused, not rerun (MNIST's g_phi has no
+    batch norm, so no forward for its running statistics either)."""
     cfg, nets, x, y = small_setup("--lr", "1e-30")        # f and g practically unchanged by the step
     f, g = nets.f, nets.g
     calls = []
@@ -330,3 +332,85 @@ def test_the_wall_bound_reaches_eq14():
         losses[bound] = train.train_step(nets, x, y, cfg)["loss_g"].item()
     assert losses["5"] - losses["12"] == pytest.approx(25.0, rel=1e-4)
     assert losses["8"] - losses["12"] == pytest.approx(4.0, rel=1e-4)
+
+
+# ============================================================================ batch norm's running statistics
+
+def authors_forwards(steps):
+    """The train-mode forwards of one CAT step in the authors' CIFAR code, in order: f's inputs and g_phi's."""
+    return {"f": ["x + delta_t"] * steps + ["x + delta",        # the attack; the CE that picks the best restart
+                                            "x_cali", "x",       # Eq. 13
+                                            "x + delta", "x_cali",   # Eq. 14
+                                            "x"],                # the logged training loss
+            "g": ["x + delta", "x + delta"]}                    # one forward per update
+
+
+def step_with_deltas(nets, x, y, cfg, monkeypatch):
+    """train_step on (x, y); returns the delta its attack made."""
+    deltas, real = [], train.perturb
+    monkeypatch.setattr(train, "perturb", lambda *a, **kw: deltas.append(real(*a, **kw)) or deltas[-1])
+    train.train_step(nets, x, y, cfg)
+    return deltas[0]
+
+
+@pytest.mark.parametrize("dataset, flags", [("cifar10", []), ("cifar10", ["--paper-exact"]), ("mnist", [])],
+                         ids=["cifar-default", "cifar-paper-exact", "mnist"])
+def test_cat_step_makes_the_authors_train_mode_forwards(dataset, flags, monkeypatch):
+    """Forward hooks on f and g_phi (the real nets, batch 4, T = 2) label each forward's input: x, x + delta,
+    x_cali = x + M delta, or an attack iterate x + delta_t. On CIFAR, default and --paper-exact alike, the
+    sequence is the authors' (train_step's docstring); MNIST's nets, which have no batch norm, skip the forwards
+    that exist only for its running statistics."""
+    cfg = config.parse_config(["--dataset", dataset, "--steps", "2", *flags])
+    torch.manual_seed(0)
+    nets = train.build_nets(cfg)
+    x, y = torch.rand(4, *models.SHAPES[dataset]), torch.randint(0, 10, (4,))
+    calls = {"f": [], "g": []}                                 # (input, train mode, output) per forward
+    for name, net in (("f", nets.f), ("g", nets.g)):
+        net.register_forward_hook(lambda m, i, o, n=name: calls[n].append((i[0].detach(), m.training, o.detach())))
+    delta = step_with_deltas(nets, x, y, cfg, monkeypatch)
+    z = calls["g"][0][2]                                       # g_phi's logits in step 2
+    known = {"x": x, "x + delta": x + delta, "x_cali": cat.calibrate(x, delta, cat.mask_of(z))}
+
+    def label(inp):
+        return next((k for k, v in known.items() if torch.allclose(inp, v, atol=1e-6)), "x + delta_t")
+    seen = {name: [(label(inp), train_mode) for inp, train_mode, _ in c] for name, c in calls.items()}
+    expected = authors_forwards(2)
+    if dataset == "mnist":
+        expected = {"f": ["x + delta_t"] * 2 + ["x_cali", "x", "x + delta", "x_cali"], "g": ["x + delta"]}
+    assert seen == {name: [(label, True) for label in labels] for name, labels in expected.items()}
+
+
+def test_running_statistics_after_one_step_follow_the_authors_sequence(monkeypatch):
+    """Batch norm on the input of f and of g_phi: after one CAT step (T = 1) its running mean and variance are
+    those of momentum-0.1 updates, from 0 and 1, by the batch statistics of the authors' sequence of inputs,
+    computed here by hand. A large eps makes x, x + delta and x_cali far apart, so that any other order shows."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10))
+    g = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, padding=1))
+    g0 = copy.deepcopy(g)
+    nets = train.Nets(f, g, torch.optim.SGD(f.parameters(), lr=0.1), torch.optim.SGD(g.parameters(), lr=0.1))
+    cfg = config.parse_config(["--dataset", "cifar10", "--steps", "1", "--eps", "0.5", "--alpha", "0.5"])
+    x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 10, (8,))
+    torch.manual_seed(1)
+    delta = step_with_deltas(nets, x, y, cfg, monkeypatch)
+    torch.manual_seed(1)
+    x_0 = attacks.random_init(x, cfg["eps"], cfg["start"])             # the attack's one forward: its random start
+    with torch.no_grad():
+        x_cali = cat.calibrate(x, delta, cat.mask_of(g0(x + delta)))    # g_phi before its update, batch statistics
+
+    def running(inputs, momentum=0.1):
+        mean, var = torch.zeros(3), torch.ones(3)
+        for t in inputs:            # per channel over (N, H, W); the variance unbiased
+            mean = (1 - momentum) * mean + momentum * t.mean((0, 2, 3))
+            var = (1 - momentum) * var + momentum * t.var((0, 2, 3))
+        return mean, var
+    x_adv = x + delta
+    sequence = {f[0]: [x_0, x_adv, x_cali, x, x_adv, x_cali, x], g[0]: [x_adv, x_adv]}
+    for bn, inputs in sequence.items():
+        mean, var = running(inputs)
+        assert bn.num_batches_tracked.item() == len(inputs)
+        assert torch.allclose(bn.running_mean, mean, atol=1e-6) and torch.allclose(bn.running_var, var, atol=1e-6)
+    for other in ([x_0, x_adv, x, x_cali, x_adv, x_cali, x],                  # f(x) before f(x_cali)
+                  [x_0, x, x_cali, x_adv, x_cali]):          # no statistics-only forwards, f(x) first
+        mean, var = running(other)
+        assert (f[0].running_mean - mean).abs().max() > 1e-5                   # 10x the tolerance above

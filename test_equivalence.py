@@ -4,22 +4,22 @@ The authors' per-batch update of CAT, in words (both networks stay in train mode
 so every forward of f or g_phi normalises with its batch's statistics and moves batch norm's
 running statistics):
   1. delta: PGD on f from a uniform random start, T signed-gradient steps on the attack loss,
-     each projected onto the eps-ball and the [0, 1] box.
+     each projected onto the eps-ball and the [0, 1] box; then f(x + delta) once more (the CE
+     that picks the best restart; one restart).
   2. M = sigmoid(g_phi(x + delta)), g_phi reading x + delta in raw pixels.
-  3. f takes one optimizer step on Eq. 13, M detached:
+  3. f takes one optimizer step on Eq. 13, M detached, f(x_cali) computed before f(x):
      mean CE(f(x), y) (1 - p_y(x))  +  beta KL(P(x) || P(x + M delta)).
   4. g_phi runs forward again on x + delta (same output: g_phi has not changed).
   5. g_phi takes one optimizer step on Eq. 14 through the updated f, whose parameters are not
      stepped: KL(P(x + delta) || P(x_cali)) + beta1 CE(f(x_cali), y), f(x + delta) a fixed
-     target.
-The order of f's forwards decides its running statistics; here f(x) runs before f(x_cali) in
-step 3 and f(x + delta) before f(x_cali) in step 5.
+     target, computed first.
+  6. f(x) once more (the logged training loss).
+The order of f's and g_phi's forwards decides their running statistics.
 `authors_step` writes this out in plain torch, using nothing of attacks.py, cat.py or train.py.
 Deliberate differences, each a row of the README's "Where the paper leaves room", are left
 out of the reference: the start radius is --start (eps by default; the authors' MNIST code
 uses 0.1), adversarial examples are clipped to the box (the authors' MNIST code does not),
-x_cali is clipped to [0, 1] (a no-op in exact arithmetic, so the reference does not), and
-g_phi runs forward once, so its running statistics get one update per batch instead of two.
+and x_cali is clipped to [0, 1] (a no-op in exact arithmetic, so the reference does not).
 """
 import copy
 
@@ -57,15 +57,22 @@ def kl(logits_p, logits_q):
     return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
-def authors_step(f, g, opt_f, opt_g, x, y, cfg, two_g_updates=False):
-    """Steps 1-5 of the module docstring. two_g_updates=False undoes the running-statistics
-    update of g_phi's second forward (which nothing in training reads: train-mode batch norm
-    uses batch statistics), to compare with train_step's single forward."""
+def authors_step(f, g, opt_f, opt_g, x, y, cfg, old_order=False):
+    """Steps 1-6 of the module docstring. old_order=True is train_step before it made the authors'
+    forwards: no f(x + delta) after the attack, f(x) before f(x_cali), g_phi's second forward's
+    update of the running statistics undone, no f(x) at the end."""
     f.train(), g.train()
     delta = authors_pgd(f, x, y, cfg["start"] or cfg["eps"], cfg["eps"], cfg["alpha"], cfg["steps"])
+    if not old_order:
+        with torch.no_grad():
+            F.cross_entropy(f(x + delta), y)                     # picks the best restart; one here
     mask = torch.sigmoid(g(x + delta))
     x_cali = x + mask.detach() * delta
-    logits_nat, logits_cali = f(x), f(x_cali)
+    if old_order:
+        logits_nat, logits_cali = f(x), f(x_cali)
+    else:
+        logits_cali = f(x_cali)
+        logits_nat = f(x)
     log_p_y = F.log_softmax(logits_nat, 1).gather(1, y[:, None]).squeeze(1)
     loss_f = (-log_p_y * (1 - log_p_y.exp())).mean() + cfg["beta"] * kl(logits_nat, logits_cali)
     opt_f.zero_grad()
@@ -80,9 +87,12 @@ def authors_step(f, g, opt_f, opt_g, x, y, cfg, two_g_updates=False):
     opt_g.zero_grad()
     loss_g.backward()
     opt_g.step()
-    if not two_g_updates:         # after the backward, which checks that the saved buffers are unchanged
+    if old_order:                 # after the backward, which checks that the saved buffers are unchanged
         for name, buf in g.named_buffers():
             buf.copy_(stats[name])
+    else:
+        with torch.no_grad():
+            f(x)                                                 # the logged training loss
     return delta
 
 
@@ -121,13 +131,13 @@ def run_ours(cfg, nets, batches, monkeypatch):
     return deltas
 
 
-def run_authors(cfg, f, g, batches, two_g_updates=False):
+def run_authors(cfg, f, g, batches, old_order=False):
     f, g = copy.deepcopy(f), copy.deepcopy(g)
     opt_f, opt_g = authors_optimizer(f.parameters(), cfg["dataset"]), authors_optimizer(g.parameters(), cfg["dataset"])
     deltas = []
     for i, (x, y) in enumerate(batches):
         torch.manual_seed(100 + i)
-        deltas.append(authors_step(f, g, opt_f, opt_g, x, y, cfg, two_g_updates))
+        deltas.append(authors_step(f, g, opt_f, opt_g, x, y, cfg, old_order))
     return f, g, deltas
 
 
@@ -168,11 +178,11 @@ def test_train_step_is_the_authors_step(dataset, monkeypatch):
         f"g_phi differs in {worst(diff_g)}")
     assert any(not torch.equal(a, b) for a, b in zip(f0.state_dict().values(), nets.f.state_dict().values()))
     if dataset != "mnist":
-        # the authors' second forward of g_phi moves its running statistics a second time:
-        # that, and nothing else, is what one forward changes
-        _, g_two, _ = run_authors(cfg, f0, g0, batches, two_g_updates=True)
-        names = set(differences(nets.g, g_two))
-        assert names and all(n.endswith(("running_mean", "running_var", "num_batches_tracked")) for n in names)
+        # the step before it made the authors' forwards: the same parameters, other running statistics
+        f_old, g_old, _ = run_authors(cfg, f0, g0, batches, old_order=True)
+        for ours_net, old in ((nets.f, f_old), (nets.g, g_old)):
+            names = set(differences(ours_net, old))
+            assert names and all(n.endswith(("running_mean", "running_var", "num_batches_tracked")) for n in names)
 
 
 def test_attack_and_mask_update_run_f_in_the_attack_bn_mode():
@@ -190,8 +200,9 @@ def test_attack_and_mask_update_run_f_in_the_attack_bn_mode():
             train.train_step(nets, x, y, cfg)
         finally:
             hook.remove()
-        # 3 attack forwards, f(x) and f(x_cali) for Eq. 13, f(x + delta) and f(x_cali) for Eq. 14
-        assert modes == [attack_mode] * 3 + [True] * 2 + [attack_mode] * 2
+        # 3 attack forwards and f(x + delta), f(x_cali) and f(x) for Eq. 13, f(x + delta) and f(x_cali) for
+        # Eq. 14, f(x) after both updates
+        assert modes == [attack_mode] * 4 + [True] * 2 + [attack_mode] * 2 + [True]
         assert all(m.training for m in f.modules())
 
 

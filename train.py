@@ -10,7 +10,9 @@ Per batch (Sec. 4.4 of the paper; the order is the authors' code's):
   2. mask      M = g_phi(x + delta); x_cali = x + M * delta                (Eq. 10-11)
   3. update f  on Eq. 13 with M fixed (detached)
   4. update g  on Eq. 14 with the *updated* f fixed, reusing M's graph from step 2
-g_phi runs forward once per batch, and step 4 computes no gradient for f's parameters.
+Step 4 computes no gradient for f's parameters. Where the nets have batch norm (CIFAR), every train-mode
+forward moves its running statistics, which every evaluation of f reads: CAT's step makes the train-mode
+forwards of the authors' CIFAR step, in their order (see train_step), some of them only for that.
 The baselines skip steps 2 and 4 (x_cali = x + delta) and use their own loss in step 3.
 This file holds the step, the runtime (device, dtype, compile, DDP) and the loop, in that order; the
 flags and the paper's settings they default to are in config.py, the run folder (resume, saving,
@@ -65,6 +67,19 @@ def build_nets(cfg):
     return Nets(f, g, optimizer(f.parameters()), g and optimizer(g.parameters()))
 
 
+def has_running_stats(net):
+    """Whether a train-mode forward of `net` changes its state: batch norm that tracks running statistics."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in net.modules())
+
+
+def stats_forward(net, x):
+    """A forward of `net` (in its current mode) whose output nothing reads: it moves batch norm's running
+    statistics where the authors' code makes this forward. A no-op for nets without running statistics."""
+    if has_running_stats(net):
+        with torch.no_grad():
+            net(x)
+
+
 def perturb(f, x, y, cfg, epoch=1):
     """Step 1: the training perturbation from a random start. Returns delta.
     f runs in the mode cfg['attack_bn'] names: "train" (CAT's and AT's authors: batch statistics, each attack
@@ -76,13 +91,24 @@ def perturb(f, x, y, cfg, epoch=1):
     with attacks.frozen(f):
         if cfg["method"] == "fat":
             return attacks.pgd_early_stop(*args, tau=config.tau_at(cfg, epoch), **kw) - x
-        return attacks.pgd(*args, **kw) - x
+        x_adv = attacks.pgd(*args, **kw)
+    if config.uses_mask(cfg):
+        # CAT's authors end the attack with a CE at x + delta to pick the best of its restarts (one here):
+        # only for the running statistics, in the attack's mode
+        with attacks.set_mode(f, kw["train_mode"]):
+            stats_forward(f, x_adv)
+    return x_adv - x
 
 
 def train_step(nets, x, y, cfg, epoch=1):
-    """One step of cfg['method'] on a batch; returns a dict of detached scalar tensors."""
+    """One step of cfg['method'] on a batch; returns a dict of detached scalar tensors.
+    CAT's train-mode forwards are those of the authors' CIFAR step, in their order (steps 1 | 3 | 4 | after):
+        f      x + delta_t (T times), x + delta  |  x_cali, x  |  x + delta, x_cali  |  x       T + 6
+        g_phi  x + delta  |  x + delta (in step 4)                                             2
+    f's at x + delta in step 1 and at x after step 4, and g_phi's second, exist only for batch norm's running
+    statistics (see stats_forward); nets without batch norm (MNIST's) skip them."""
     delta = perturb(nets.f_fast, x, y, cfg, epoch)
-    if config.uses_mask(cfg):                        # step 2: one forward of g_phi, graph kept for step 4
+    if config.uses_mask(cfg):                        # step 2: g_phi's forward, graph kept for step 4
         nets.g.train()
         z = nets.g_train(x + delta)           # (N, C, H, W) logits; M = sigmoid(z) in fp32
         mask = cat.mask_of(z)
@@ -90,24 +116,32 @@ def train_step(nets, x, y, cfg, epoch=1):
     else:
         x_train = x + delta
     nets.f.train()                            # step 3: classifier update (Eq. 13 for CAT)
-    logits_nat = nets.f_train(x) if cfg["method"] != "at" else None
-    loss_f, nat, rob = LOSSES[cfg["method"]](logits_nat, nets.f_train(x_train), y, cfg)
+    if config.uses_mask(cfg):     # the authors' order, f(x_cali) first: in train mode each output reads its own batch
+        # only, so the order moves nothing but the running statistics
+        logits_adv = nets.f_train(x_train)
+        logits_nat = nets.f_train(x)
+    else:
+        logits_nat = nets.f_train(x) if cfg["method"] != "at" else None
+        logits_adv = nets.f_train(x_train)
+    loss_f, nat, rob = LOSSES[cfg["method"]](logits_nat, logits_adv, y, cfg)
     nets.opt_f.zero_grad(set_to_none=True)
     loss_f.backward()
     nets.opt_f.step()
     logs = {"loss_f": loss_f.detach(), "nat": nat, "rob": rob}
     if config.uses_mask(cfg):
         logs.update(mask_step(nets, x, y, delta, z, mask, cfg))
+        stats_forward(nets.f_fast, x)         # the authors' logged loss, f(x) in train mode: for the statistics only
     return logs
 
 
 def mask_step(nets, x, y, delta, z, mask, cfg):
     """Step 4: g_phi update on Eq. 14 with the updated f fixed (no gradient for its parameters), f in the attack's
-    mode (cfg['attack_bn']). g_phi is not run again: z's graph from step 2 is the authors' second forward's output
-    exactly, since g_phi has not changed; only its batch-norm running statistics see one update per batch, not two.
+    mode (cfg['attack_bn']). g_phi's gradient flows through z's graph from step 2: the authors run g_phi forward
+    again here, which gives the same output (g_phi has not changed) and moves its running statistics once more.
     Not in the paper: unless --paper-exact, cat.logit_wall(z) joins Eq. 14. Without it the CE term drives z to
     about -15 in the first tens of steps, while f is weak, and the sigmoid's vanishing slope keeps the mask at 0
     (CAT becomes natural training) after Eq. 14 has turned."""
+    stats_forward(nets.g_train, x + delta)      # the authors' second forward of g_phi: for the statistics only
     with attacks.set_mode(nets.f, cfg["attack_bn"] == "train"), attacks.frozen(nets.f):
         with torch.no_grad():
             logits_adv = nets.f_fast(x + delta)
