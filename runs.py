@@ -56,8 +56,8 @@ def on_disk(out, state):
     if state.saved is None or not os.path.isfile(last):
         return "nothing of this run is saved yet"
     epoch, step = state.saved
-    return (f"{last} holds the run at " + (f"batch {step} of epoch {epoch + 1}" if step else f"the end of epoch {epoch}")
-            + f"; continue with: {resume_command(out)}")
+    where = f"batch {step} of epoch {epoch + 1}" if step else f"the end of epoch {epoch}"
+    return f"{last} holds the run at {where}; continue with: {resume_command(out)}"
 
 
 # ============================================================================ opening a run
@@ -180,7 +180,8 @@ def reconcile_metrics(out, ckpt, log=print):
         log(f"WARNING: {path} lacks epoch(s) {', '.join(map(str, lost))}, and last.pt (saved before it kept every "
             "epoch's line) cannot give them back")
     if [json.dumps(r) for r in records] != lines:
-        common.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        common.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 # ============================================================================ saving
@@ -232,6 +233,29 @@ def save_epoch(nets, cfg, state, improved):
     except OSError as e:
         common.die(f"could not add epoch {state.record['epoch']} to {path} ({checkpoints.one_line(e)}); last.pt "
                    f"holds it and --resume writes the line: {resume_command(cfg['out'])}", 1)
+
+
+# ============================================================================ progress
+
+def fmt_time(seconds):
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_eta(cfg, state, n_batches, rate):
+    """Time to the end of the run at `rate` steps per second, with each validation taking as long as the last
+    one did; before the first one, its time is not known and the text says so."""
+    val_s = (state.record or {}).get("val_seconds")
+    left = cfg["epochs"] - state.epoch
+    seconds = ((n_batches - state.step) + left * n_batches) / rate + (left + 1) * (val_s or 0.0)
+    return fmt_time(seconds) + (" + validation" if val_s is None else "")
+
+
+def progress_line(cfg, state, n_batches, rate):
+    """The line a person reads while an epoch trains (`rate`: batches per second); metrics.jsonl has the rest."""
+    shown = [f"{k} {state.sums[k].item() / state.step:.3f}" for k in ("loss_f", "mask") if k in state.sums]
+    return (f"epoch {state.epoch} [{state.step}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, ETA epoch "
+            f"{fmt_time((n_batches - state.step) / rate)} run {run_eta(cfg, state, n_batches, rate)}, " + " ".join(shown))
 
 
 # ============================================================================ stopping

@@ -443,8 +443,8 @@ def test_validation_reports_progress_and_stops_at_a_ctrl_c(monkeypatch):
 def test_the_run_eta_counts_the_epochs_left_and_their_validation():
     cfg = {"epochs": 3}
     state = runs.State(epoch=2, step=1, history=[{"epoch": 1, "val_seconds": 10.0}])
-    assert train.run_eta(cfg, state, 4, 1.0) == "0m27s"           # 3 + 4 batches at 1/s, two validations of 10 s
-    assert train.run_eta(cfg, runs.State(epoch=1), 4, 2.0) == "0m06s + validation"    # none measured yet
+    assert runs.run_eta(cfg, state, 4, 1.0) == "0m27s"           # 3 + 4 batches at 1/s, two validations of 10 s
+    assert runs.run_eta(cfg, runs.State(epoch=1), 4, 2.0) == "0m06s + validation"    # none measured yet
 
 
 # ============================================================================ guards

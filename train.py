@@ -220,11 +220,6 @@ class Runtime:
 PROGRESS_S = 30                     # seconds between progress lines, in training and in validation
 
 
-def fmt_time(seconds):
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def has_collapsed(best_pgd20, pgd20):
     """Catastrophic overfitting: validation PGD-20 accuracy (%) fell below half of its best,
     once the run had been robust at all (best >= 10%)."""
@@ -236,23 +231,15 @@ def batches_per_epoch(n_train, cfg, rt):
 
 
 def load_data(cfg, rt):
-    """(train, val) on the device: --subset of the training split, this process's share of --val-size
-    validation images; sizes beyond what the split holds get one line and exit 2."""
+    """(train, val) on the device, val cut into this process's share; bad sizes get one line and exit 2."""
     try:
-        train, val, _ = data.load(cfg["dataset"], cfg["data_dir"], cfg["val_size"], log=rt.log)
+        train, val = data.for_training(cfg["dataset"], cfg["data_dir"], cfg["val_size"], cfg["subset"], cfg["seed"],
+                                       rt.log)
     except data.DataError as e:
         common.die(str(e))
-    cfg["data_source"] = getattr(train, "source", None)     # where the images came from; not a flag
-    for key, split, n in (("val_size", "validation", len(val)), ("subset", "training", len(train))):
-        if (cfg[key] or 0) > n:
-            common.die(f"--{key.replace('_', '-')} {cfg[key]} is more than the {n} images of the {cfg['dataset']} "
-                       f"{split} split; pass at most {n}")
-    if cfg["subset"]:
-        shuffle = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))
-        train = train.take(shuffle[:cfg["subset"]])
-    train, val = train.to(rt.device), val.to(rt.device)
-    val = val.take(torch.arange(rt.rank, len(val), rt.world, device=rt.device))   # each process checks its share
-    return train, val
+    cfg["data_source"] = train.source     # where the images came from; not a flag
+    val = val.take(torch.arange(rt.rank, len(val), rt.world))
+    return train.to(rt.device), val.to(rt.device)
 
 
 def setup(argv, stop):
@@ -307,20 +294,9 @@ def run_epoch(nets, train, cfg, rt, state, stop):
                            "may avoid it)", 1)
             last_print = time.time()
             rate = (state.step - start) / (last_print - t0)                           # steps per second
-            shown = " ".join(f"{k} {state.sums[k].item() / state.step:.3f}" for k in ("loss_f", "mask") if k in state.sums)
-            rt.log(f"epoch {state.epoch} [{state.step}/{n_batches}] {rate * cfg['batch_size']:.0f} img/s, ETA epoch "
-                   f"{fmt_time((n_batches - state.step) / rate)} run {run_eta(cfg, state, n_batches, rate)}, {shown}")
+            rt.log(runs.progress_line(cfg, state, n_batches, rate))
         if stop.set:
             break
-
-
-def run_eta(cfg, state, n_batches, rate):
-    """Time to the end of the run at `rate` steps per second, with each validation taking as long as the last
-    one did; before the first one, its time is not known and the text says so."""
-    val_s = (state.record or {}).get("val_seconds")
-    left = cfg["epochs"] - state.epoch
-    seconds = ((n_batches - state.step) + left * n_batches) / rate + (left + 1) * (val_s or 0.0)
-    return fmt_time(seconds) + (" + validation" if val_s is None else "")
 
 
 def validate(f, val, cfg, rt, stop, epoch, steps=20, batch_size=500):
@@ -341,7 +317,7 @@ def validate(f, val, cfg, rt, stop, epoch, steps=20, batch_size=500):
             if time.time() - last_print > PROGRESS_S and done < len(val):
                 last_print = time.time()
                 rt.log(f"epoch {epoch} validation [{done}/{len(val)}] "
-                       f"ETA {fmt_time((len(val) - done) * (last_print - t0) / done)}")
+                       f"ETA {runs.fmt_time((len(val) - done) * (last_print - t0) / done)}")
     return [correct_nat, correct_adv, len(val)]
 
 
@@ -363,8 +339,8 @@ def end_epoch(nets, counts, val_seconds, cfg, rt, state, n_train):
     best["pgd20"] = max(rob, best["pgd20"])
     state.epoch, state.step, state.sums, state.seconds = epoch + 1, 0, {}, 0.0
     state.history.append(record)
-    rt.log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% (train {fmt_time(record['seconds'])}, "
-           f"validation {fmt_time(val_seconds)})" +
+    rt.log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% (train {runs.fmt_time(record['seconds'])}, "
+           f"validation {runs.fmt_time(val_seconds)})" +
            ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
     if not 0.01 <= record.get("mask", 0.5) <= 0.99:
         rt.log(f"WARNING: the mean mask was {record['mask']:.4f} over epoch {epoch}: x_cali is "
@@ -390,7 +366,7 @@ def main(argv=None):
                 rt.log(f"--stop-on-collapse: stopped at epoch {state.epoch - 1}; best.pt (epoch "
                        f"{state.best['epoch']}) is kept")
                 break
-        rt.log(f"done in {fmt_time(time.time() - run_start)}; best epoch {state.best['epoch']} "
+        rt.log(f"done in {runs.fmt_time(time.time() - run_start)}; best epoch {state.best['epoch']} "
                f"(val natural + PGD-20 = {state.best['score']:.2f}) -> {os.path.join(cfg['out'], 'best.pt')}")
         if rt.world > 1:        # every rank done (rank 0 writes last) before any tears the process group down
             dist.barrier()
