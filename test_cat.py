@@ -209,13 +209,6 @@ def test_build_rejects_arch_of_other_dataset():
         models.build("preact18", "mnist")
 
 
-def test_mnist_cnn_matches_the_authors_layout():
-    f = models.build("mnist_cnn", "mnist")
-    convs = [m for m in f if isinstance(m, nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [(1, 32, 1), (32, 32, 2), (32, 64, 1), (64, 64, 2)]
-    assert [(l.in_features, l.out_features) for l in f if isinstance(l, nn.Linear)] == [(3136, 100), (100, 10)]
-
-
 # ============================================================================ the training step
 
 def test_one_mask_update_lowers_eq14():
@@ -236,18 +229,6 @@ def test_one_mask_update_lowers_eq14():
     before.backward()
     opt.step()
     assert eq14().item() < before.item()
-
-
-def test_one_step_changes_both_networks():
-    cfg, nets, x, y = small_setup()
-    f0 = [p.clone() for p in nets.f.parameters()]
-    g0 = [p.clone() for p in nets.g.parameters()]
-    logs = train.train_step(nets, x, y, cfg)
-    assert all(not torch.equal(a, b) for a, b in zip(f0, nets.f.parameters()))
-    assert all(not torch.equal(a, b) for a, b in zip(g0, nets.g.parameters()))
-    assert all(p.requires_grad for p in nets.f.parameters())
-    assert all(torch.isfinite(v) for v in logs.values())
-    assert 0 < logs["mask"].item() < 1
 
 
 def test_f_gradient_is_eq13_only():
@@ -273,34 +254,20 @@ def test_f_gradient_is_eq13_only():
 def test_every_method_takes_a_step(flags):
     cfg, nets, x, y = small_setup(*flags)
     f0 = [p.clone() for p in nets.f.parameters()]
+    g0 = nets.g and [p.clone() for p in nets.g.parameters()]
     logs = train.train_step(nets, x, y, cfg)
     assert all(torch.isfinite(v) for v in logs.values())
     assert all(not torch.equal(a, b) for a, b in zip(f0, nets.f.parameters()))
+    assert all(p.requires_grad for p in nets.f.parameters())              # the attack's freeze is undone
     assert (nets.g is not None) == ("--no-mask" not in flags and flags[1] == "cat")
+    if nets.g is not None:
+        assert all(not torch.equal(a, b) for a, b in zip(g0, nets.g.parameters())) and 0 < logs["mask"].item() < 1
 
 
 def test_ablation_a1_uses_plain_ce():
     cfg, nets, x, y = small_setup("--no-mask", "--no-weighted-ce")
     logits = nets.f(x)
     assert train.LOSSES["cat"](logits, logits, y, cfg)[1].item() == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-6)
-
-
-def test_every_method_offered_has_a_loss():
-    assert sorted(train.LOSSES) == config.METHODS
-
-
-def test_method_defaults_come_from_their_papers():
-    trades = config.parse_config(["--dataset", "cifar10", "--method", "trades"])
-    assert (trades["beta"], trades["eps"], trades["alpha"], trades["attack"]) == (6.0, 0.031, 0.007, "kl")
-    mine = config.parse_config(["--dataset", "cifar10", "--method", "trades", "--beta", "1"])
-    assert mine["beta"] == 1.0                                   # a flag always wins
-    assert config.tau_at(config.parse_config(["--dataset", "cifar10", "--method", "fat"]), 60) == 1
-
-
-def test_mnist_step_size_follows_eps():
-    for eps, alpha in [("0.3", 0.015), ("0.4", 0.02), ("0.1", 0.005)]:
-        assert config.parse_config(["--dataset", "mnist", "--eps", eps])["alpha"] == pytest.approx(alpha)
-    assert config.parse_config(["--dataset", "mnist", "--eps", "0.4", "--alpha", "0.01"])["alpha"] == 0.01
 
 
 def test_logit_wall_joins_eq14_unless_paper_exact():

@@ -353,21 +353,38 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(tmp_path):
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train.main(TINY + ["--epochs", "2", "--out", straight])
-    train.main(TINY + ["--epochs", "1", "--out", split])
-    train.main(TINY + ["--epochs", "2", "--out", split, "--resume"])
-    assert_same_weights(os.path.join(straight, "last.pt"), os.path.join(split, "last.pt"))
-    straight_ckpt = torch.load(os.path.join(straight, "last.pt"), weights_only=True)
-    split_ckpt = torch.load(os.path.join(split, "last.pt"), weights_only=True)
+def test_resume_is_bit_identical_after_a_ctrl_c_in_validation_and_at_an_epoch_end(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C in epoch 1's validation, a resume (which validates again and ends the 1-epoch run), a resume
+    with --epochs 2: the same weights, optimizer states and metrics as two epochs straight."""
+    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
+    train.main(TINY + ["--epochs", "2", "--amp", "fp32", "--out", straight])
+    real_pgd = attacks.pgd
+
+    def pgd(model, *args, **kwargs):               # Ctrl-C in validation's first batch (f in eval mode only there)
+        if not model.training:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_pgd(model, *args, **kwargs)
+    monkeypatch.setattr(attacks, "pgd", pgd)
+    code, _ = in_process(TINY + ["--epochs", "1", "--amp", "fp32", "--out", cut], capsys)
+    monkeypatch.setattr(attacks, "pgd", real_pgd)
+    ckpt = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
+    assert code == 130 and (ckpt["epoch"], ckpt["step"]) == (0, 2)       # both batches trained, not validated
+    assert not os.path.exists(os.path.join(cut, "metrics.jsonl"))
+    train.main(["--out", cut, "--resume"])
+    assert "resuming" in capsys.readouterr().out and epochs_in(cut) == [1]
+    train.main(["--out", cut, "--resume", "--epochs", "2"])
+    assert_same_weights(os.path.join(straight, "last.pt"), os.path.join(cut, "last.pt"))
+    ckpts = [torch.load(os.path.join(run, "last.pt"), weights_only=True) for run in (straight, cut)]
     for key in ("opt_f", "opt_g"):
-        sa, sb = straight_ckpt[key]["state"], split_ckpt[key]["state"]
+        sa, sb = ckpts[0][key]["state"], ckpts[1][key]["state"]
         assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
-    assert len(open(os.path.join(split, "metrics.jsonl")).readlines()) == 2
+    lines = [[json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))] for run in (straight, cut)]
+    for line in lines[0] + lines[1]:
+        del line["seconds"], line["val_seconds"], line["images_per_s"]
+    assert lines[0] == lines[1]
     with pytest.raises(SystemExit) as e:                    # the bare form: now finished, nothing to do
-        train.main(["--out", split, "--resume"])
-    assert e.value.code == 0 and epochs_in(split) == [1, 2]
+        train.main(["--out", cut, "--resume"])
+    assert e.value.code == 0 and epochs_in(cut) == [1, 2]
 
 
 @pytest.mark.slow
@@ -500,31 +517,6 @@ def test_a_saturated_mask_is_warned_about(tmp_path, monkeypatch, capsys, shift, 
 def test_a_healthy_mask_is_not_warned_about(tmp_path, capsys):
     train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
     assert "mean mask" not in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_ctrl_c_in_validation_saves_a_run_that_validates_again(tmp_path, capsys, monkeypatch):
-    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
-    train.main(TINY + ["--epochs", "1", "--amp", "fp32", "--out", straight])
-    real_pgd = attacks.pgd
-
-    def pgd(model, *args, **kwargs):               # Ctrl-C in validation's first batch (f in eval mode only there)
-        if not model.training:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_pgd(model, *args, **kwargs)
-    monkeypatch.setattr(attacks, "pgd", pgd)
-    code, _ = in_process(TINY + ["--epochs", "1", "--amp", "fp32", "--out", cut], capsys)
-    monkeypatch.setattr(attacks, "pgd", real_pgd)
-    ckpt = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
-    assert code == 130 and (ckpt["epoch"], ckpt["step"]) == (0, 2)       # both batches trained, not validated
-    assert not os.path.exists(os.path.join(cut, "metrics.jsonl"))
-    train.main(["--out", cut, "--resume"])
-    assert "resuming" in capsys.readouterr().out
-    assert_same_weights(os.path.join(straight, "last.pt"), os.path.join(cut, "last.pt"))
-    lines = [json.loads(open(os.path.join(run, "metrics.jsonl")).read()) for run in (straight, cut)]
-    for line in lines:
-        del line["seconds"], line["val_seconds"], line["images_per_s"]
-    assert lines[0] == lines[1]
 
 
 @pytest.mark.slow
