@@ -7,7 +7,7 @@ Each entry returns the classifier f (images (N, 1, 28, 28) in [0, 1] -> logits (
 or with mask=True the pair (f, g_phi); g_phi returns the mask's logits z, M = cat.mask_of(z). Only the
 CAT entries have a mask network. device is torch.load's map_location and where the models end up.
 source="local" runs no download and needs no trust_repo. Weights load through checkpoints.py, with
-weights_only=True. Adding a model is one line of MODELS; every entry there is tested in test_hub.py.
+weights_only=True. Adding a model is one line of MODELS; every entry there is tested in tests/test_hub.py.
 """
 import os
 

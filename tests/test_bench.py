@@ -1,9 +1,8 @@
 """bench.py: pass counts from a real step, the ratios, bad flags, and one tiny timed run.
 
-    python -m pytest -q test_bench.py
+    python -m pytest -q tests/test_bench.py
 """
 import json
-import os
 import subprocess
 import sys
 
@@ -12,8 +11,8 @@ import pytest
 import bench
 import config
 import train
+from conftest import HERE
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "mnist", "--methods", "cat,trades", "--dtype", "fp32,bf16", "--iters", "2", "--warmup", "1",
         "--batch-size", "8", "--steps", "2", "--device", "cpu", "--threads", "1"]
 

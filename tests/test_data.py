@@ -2,7 +2,7 @@
 the splits, the readers that refuse pickled code, load_test, the crop and flip. No test reaches the
 network: urllib's urlopen is replaced in every one, by an offline one or by a fake server.
 
-    OMP_NUM_THREADS=1 python -m pytest -q test_data.py
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_data.py
 """
 import functools
 import gzip

@@ -1,4 +1,4 @@
-"""The specification of evaluate.py and attacks.mtpgd, as tests. Run: python -m pytest -q test_eval.py"""
+"""The specification of evaluate.py and attacks.mtpgd, as tests. Run: python -m pytest -q tests/test_eval.py"""
 import copy
 import csv
 import json

@@ -18,8 +18,8 @@ import checkpoints
 import config
 import data
 import train
+from conftest import HERE
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 HEADING = "## CAT in your own training loop"
 STEP_MARKER = "# 1. perturb"          # the block's setup ends here, its one CAT step begins
 
