@@ -3,6 +3,7 @@ number type, device choice, exact fp32, atomic writes, and the paper's test-time
 The method (cat.py, attacks.py, models.py, data.py) does not import this file.
 """
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -94,9 +95,11 @@ def unwritable(path):
     try:
         with open(probe, "w") as fh:
             fh.write("probe")
-        os.remove(probe)
     except OSError as e:
         return f"cannot be written here ({cause(e)}); choose another folder"
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
     return None
 
 

@@ -429,8 +429,8 @@ def parse_args(argv=None):
     outputs = {flag: o for flag, o in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot),
                                        ("--save-masks", args.save_masks)) if o is not None}
     drawn = {"--plot": report.figure_problem, "--save-masks": report.image_problem}     # the extension's format
-    unwritable = {flag: common.unwritable(o) or drawn.get(flag, lambda _: None)(o)     # tried now, before any attack
-                  for flag, o in outputs.items()}
+    refused = {flag: common.unwritable(o) or drawn.get(flag, lambda _: None)(o)     # tried now, before any attack
+               for flag, o in outputs.items()}
     checks = [
         (args.attacks != [""], f"--attacks is empty; choose from {', '.join(NAMES)}"),
         (all(typed), f"--attacks {','.join(typed)} has an empty entry; separate the attacks by single commas"),
@@ -452,7 +452,7 @@ def parse_args(argv=None):
         (not (args.arch and args.dataset) or args.arch in models.CLASSIFIERS[args.dataset],
          f"--arch {args.arch} is not a {args.dataset} classifier; choose from "
          f"{', '.join(models.CLASSIFIERS.get(args.dataset, ()))}"),
-        *[(not why, f"{flag} {outputs[flag]}: {why}") for flag, why in unwritable.items()],
+        *[(not why, f"{flag} {outputs[flag]}: {why}") for flag, why in refused.items()],
     ]
     problem = next((msg for ok, msg in checks if not ok), None)
     if problem:

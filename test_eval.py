@@ -1,6 +1,7 @@
 """The specification of evaluate.py and attacks.mtpgd, as tests. Run: python -m pytest -q test_eval.py"""
 import copy
 import csv
+import errno
 import json
 import os
 import re
@@ -864,6 +865,18 @@ def test_an_output_on_a_read_only_disk_is_refused_before_anything_loads(flag, na
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1, err
     assert f"{flag} {tmp_path / name}: cannot be written here (Read-only file system)" in err[0]
+
+
+def test_the_output_probe_finds_a_full_disk_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    path = str(tmp_path / "e.json")
+    assert common.unwritable(path) is None and os.listdir(tmp_path) == []
+
+    def full(name, *args):                              # the file is created, its first bytes find no space
+        open(name, "w").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(common, "open", full, raising=False)
+    assert common.unwritable(path) == "cannot be written here (No space left on device); choose another folder"
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_full_disk_is_one_line_that_keeps_the_store_and_says_how_to_go_on(checkpoint, tmp_path, capsys, request):
