@@ -38,7 +38,9 @@ wall-clock time of this command alone ("seconds" of each entry adds up every com
 its bits; older stores called the first "wall_seconds"). A file in an older shape
 is converted when read (convert); a file that is no evaluation is refused, never overwritten.
 While an attack runs, a line every 30 s (--progress) gives the images done, the robust accuracy
-so far and the ETA; AutoAttack's own progress lines are shown as they come.
+so far and the ETA; AutoAttack's own progress lines are shown as they come. Every output (--json,
+--csv, --plot, --save-masks) is tried before any model loads; a write that still fails (a full disk)
+is one line saying what is kept and the command that goes on.
 """
 import argparse
 import contextlib

@@ -1,5 +1,5 @@
 """Every table and picture: from finished runs, mean +- sd over seeds, the per-epoch validation table
-and the per-epoch curves of several runs in one PNG; for evaluate.py, its table, CSV, eps curve,
+and the per-epoch curves of several runs in one figure (PNG, PDF, SVG, ...: its extension decides); for evaluate.py, its table, CSV, eps curve,
 Figure-2 grid and progress lines (it prints through this file; this file imports no entry script).
 
     python report.py runs/cat_s0 runs/cat_s1 runs/cat_s2 runs/at_s0 runs/at_s1 --eval eval.json
@@ -13,7 +13,10 @@ are taken; a folder without best.pt takes the rows of the one model its JSON hol
 configs differ only in config.NOT_THE_EXPERIMENT (the seed, where and on what device they ran) form
 one group; the seeds table gives each number of a group as mean +- sd over its runs (sample
 standard deviation, n - 1), n the values behind each cell, and says when seeds were evaluated on
-different numbers of test images. Accuracies are in %.
+different numbers of test images. Runs of one experiment that share a seed are not seeds: each is a row
+of its own, marked with its path; a run that stopped before its config's epochs is marked. The test
+images behind the test columns are said under the table, or in each test cell when they differ.
+Accuracies are in %.
 """
 import contextlib
 import csv
@@ -50,8 +53,8 @@ def read_json(path, lines=False):
                     records.append(json.loads(line))
             return records
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}" + (f" of line {e.lineno})" if not lines
-                                                                              else ")")) from None
+        at = f"column {e.colno}" if lines else f"line {e.lineno}, column {e.colno}"
+        raise ValueError(f"{where}: not JSON ({e.msg} at {at})") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: binary bytes, not JSON text (truncated, corrupt or another kind of file)") from None
     except (OSError, ValueError) as e:
@@ -214,11 +217,16 @@ def cell(values, digits, n=None, images=None):
             + (f" ({'; '.join(said)})" if said else ""))
 
 
+def stopped_early(run):
+    """(epochs done, epochs of its config) of a run that stopped before its config's epochs, else None."""
+    done, planned = max((r["epoch"] for r in run["epochs"]), default=0), (run["config"] or {}).get("epochs")
+    return (done, planned) if planned and done < planned else None
+
+
 def seed_of(run):
-    """The run's seed, with the epochs it finished when it stopped before its config's epochs."""
-    cfg, done = run["config"] or {}, max((r["epoch"] for r in run["epochs"]), default=0)
-    planned = cfg.get("epochs")
-    return str(cfg.get("seed", "-")) + (f" ({done} of {planned} epochs)" if planned and done < planned else "")
+    """The run's seed, and the epochs it finished when it stopped early."""
+    early = stopped_early(run)
+    return str((run["config"] or {}).get("seed", "-")) + (f" ({early[0]} of {early[1]} epochs)" if early else "")
 
 
 def seeds_table(groups):
@@ -250,7 +258,7 @@ def seeds_table(groups):
     notes.insert(0, said + (f"; test columns on {count(sizes[0])} test images" if len(sizes) == 1 else ""))
     if any(m.get("shares_seed") for _, members in groups for m in members):
         notes.append("[path]: runs of one experiment with the same seed, listed one by one, not averaged as seeds")
-    if any("epochs)" in seed_of(m) for _, members in groups for m in members):
+    if any(stopped_early(m) for _, members in groups for m in members):
         notes.append("(k of N epochs): a run that stopped before its config's epochs; its numbers come from those k")
     return "\n".join(lines + [""] + notes)
 
