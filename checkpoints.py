@@ -8,11 +8,14 @@ is (N, classes) logits. train.py, evaluate.py, report.py and hubconf.py all load
 Files are read with torch.load(weights_only=True): a file that smuggles in a pickled object is refused
 and its payload never runs. Every failure is a CheckpointError whose text is one line saying what to do.
 """
+import contextlib
 import hashlib
 import importlib.util
+import inspect
 import os
 import pickle
 import re
+import shutil
 import sys
 
 import torch
@@ -28,17 +31,30 @@ class CheckpointError(Exception):
 
 
 def one_line(e):
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+    return common.shorten(f"{type(e).__name__}: {e}") if str(e).strip() else type(e).__name__
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in a nest of dicts, lists and tuples: about what torch.save writes."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(v) for v in items)
 
 
 def save(obj, path):
     """torch.save through a temporary file renamed over `path`: a full disk, a vanished folder or a kill
-    half-way leaves the previous file as it was. A failure is a CheckpointError naming the file."""
+    half-way leaves the previous file as it was. A failure is a CheckpointError naming the file and the
+    cause in plain words; torch reports a full disk as 'unexpected pos', so free space is measured."""
     try:
         common.write_atomic(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"could not write {path} ({one_line(e)}); the previous copy, if any, is intact") from None
+        why, need = common.cause(e), tensor_bytes(obj)
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            if not isinstance(e, OSError) and free < need + 2**20:
+                why = f"No space left on device: {free / 2**20:.1f} MiB free, the checkpoint needs {need / 2**20:.1f}"
+        raise CheckpointError(f"could not write {path} ({why}); the previous copy, if any, is intact") from None
 
 
 MODEL_KEYS = ("model", "mask", "config", "epoch", "metrics", "best")   # what evaluation and torch.hub read
@@ -55,13 +71,18 @@ def slim(path):
 
 def load_weights(path, device="cpu"):
     """torch.load(weights_only=True): tensors and plain values only."""
+    if os.path.isdir(path):
+        inside = [n for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, n))]
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; " + (
+            f"pass {os.path.join(path, inside[0])}" if inside else "pass the best.pt or last.pt that train.py wrote"))
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint; pass the best.pt or last.pt that train.py wrote")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({first[:120]}); "
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it would import {found[1]}" if found else common.shorten(e, 100)
+        raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({what}); "
                               "load only checkpoints written by train.py") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
@@ -169,7 +190,13 @@ def from_factory(source, dataset=None, arch=None):
         spec = importlib.util.spec_from_file_location(f"factory_{sha256(path)[:12]}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        if not callable(getattr(module, function, None)):
+            defined = [k for k, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == spec.name]
+            raise CheckpointError(f"{path} has no function {function}(); it defines "
+                                  f"{', '.join(defined) or 'none'}: pass {path}:one_of_them")
         f = getattr(module, function)()
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{source} raised {one_line(e)}") from None
     finally:

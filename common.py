@@ -3,9 +3,11 @@ number type, device choice, exact fp32, atomic writes, and the paper's test-time
 The method (cat.py, attacks.py, models.py, data.py) does not import this file.
 """
 import argparse
+import contextlib
 import json
 import os
 import pathlib
+import re
 import sys
 
 import torch
@@ -80,6 +82,40 @@ def write_atomic(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def shorten(text, limit=160):
+    """The first line of `text`, terminal colour codes removed, cut at a word with ' ...' past `limit`."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text)).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def cause(e):
+    """Why a file operation failed, in the system's plain words ('No space left on device', 'Read-only
+    file system', 'Permission denied'), else the exception's first line."""
+    return getattr(e, "strerror", None) or shorten(f"{type(e).__name__}: {e}")
+
+
+def unwritable(path):
+    """Why `path` cannot be written, in a few words, or None. Tried for real before any work starts (a
+    probe file beside it, removed): an empty name, a folder, a missing folder, a read-only or full disk."""
+    if not path:
+        return "the name is empty; name a file"
+    if os.path.isdir(path):
+        return "is a folder; name a file (inside it)"
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return "its folder does not exist; create it first"
+    probe = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(probe, "w") as fh:
+            fh.write("probe")
+    except OSError as e:
+        return f"cannot be written here ({cause(e)}); choose another folder"
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return None
 
 
 def write_json(obj, path):

@@ -1,5 +1,6 @@
 """Fixtures and helpers shared by the test files. Tests marked `slow` (subprocess runs, resume,
 Ctrl-C, torchrun, property tests) are skipped by: python -m pytest -q -m "not slow"."""
+import errno
 import os
 import pickle
 import subprocess
@@ -112,3 +113,23 @@ def natural_model(mnist_small):
             F.cross_entropy(model(x), y).backward()
             opt.step()
     return model.eval()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every write through common.write_atomic (stores, tables, figures, checkpoints) finds the disk full."""
+    import common
+
+    def write_atomic(path, write):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(common, "write_atomic", write_atomic)
+
+
+@pytest.fixture
+def read_only_disk(monkeypatch):
+    """common's up-front probe of an output path finds a read-only file system."""
+    import common
+
+    def open_(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    monkeypatch.setattr(common, "open", open_, raising=False)

@@ -38,14 +38,18 @@ wall-clock time of this command alone ("seconds" of each entry adds up every com
 its bits; older stores called the first "wall_seconds"). A file in an older shape
 is converted when read (convert); a file that is no evaluation is refused, never overwritten.
 While an attack runs, a line every 30 s (--progress) gives the images done, the robust accuracy
-so far and the ETA; AutoAttack's own progress lines are shown as they come.
+so far and the ETA; AutoAttack's own progress lines are shown as they come. Every output (--json,
+--csv, --plot, --save-masks) is tried before any model loads; a write that still fails (a full disk)
+is one line saying what is kept and the command that goes on.
 """
 import argparse
 import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -384,7 +388,7 @@ def build_parser():
     a("models", nargs="+", metavar="MODEL", help="train.py checkpoints (best.pt / last.pt), state_dict files "
       "(with --dataset and --arch) or path/to/file.py:function factories; several give one table")
     a("--attacks", default="natural,fgsm,pgd20,pgd100,cw", help=f"comma list of {', '.join(NAMES)}, or pgdN "
-      "(PGD with N steps)")
+      "(PGD with N steps). default: %(default)s")
     a("--eps", type=eps_list, help="L-inf budget(s) in pixel units, one row each: 0.3, 0.1,0.2,0.3 or "
       "2/255,8/255. default: the paper's (0.3 on MNIST, 8/255 on CIFAR)")
     a("--alpha", type=fraction, help="step size of pgdN, mtpgd and cw in pixel units. default: the paper's "
@@ -397,17 +401,19 @@ def build_parser():
     a("--seed", type=int, default=0, help="seeds the random starts and pyautoattack")
     a("--sanity", action="store_true", help="also run PGD-20 at eps 0 (must equal natural) and PGD-100 at "
       "eps 0.5 (must reach ~0%%), once per model")
-    a("--save-masks", metavar="PNG", help="CAT checkpoint only: Figure-2 grid of x, x + delta, mask, x_cali, "
+    a("--save-masks", metavar="FILE.png", help="CAT checkpoint only: Figure-2 grid of x, x + delta, mask, x_cali, "
       "and the mean mask over the test images (a PGD-20 pass of its own)")
     a("--dataset", choices=sorted(common.TEST_ATTACK), help="the dataset of a state_dict or factory; refuses "
       "checkpoints trained on another")
     a("--arch", help="the models.py architecture of a state_dict; refuses checkpoints of another")
-    a("--subset", type=int, help="evaluate on the first N test images")
-    a("--batch-size", type=int, default=500, help="test images per batch (restarts attack the survivors only)")
+    a("--subset", type=int, help="evaluate on the first N test images. default: all (10,000 on MNIST and CIFAR)")
+    a("--batch-size", type=int, default=500, help="test images per batch (restarts attack the survivors only). "
+      "default: %(default)s")
     a("--json", help="the store of per-image results (kept per model weights, attack and the settings it reads; "
       "written after each batch) and this run's table; running again reuses what matches and keeps the rest")
     a("--csv", help="write the table here as CSV")
-    a("--plot", metavar="PNG", help="accuracy against eps, one line per attack and model (two or more --eps)")
+    a("--plot", metavar="FILE.png", help="accuracy against eps, one line per attack and model (two or more --eps), "
+      "in the format of its extension (.png, .pdf, .svg, ...)")
     a("--progress", type=float, default=30.0, help="seconds between progress lines while an attack runs")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--data-dir", default="data", help="folder holding the datasets (see data.py)")
@@ -422,7 +428,11 @@ def parse_args(argv=None):
     args.attacks = list(dict.fromkeys(typed))
     unknown = [a for a in args.attacks if a and not known(a)]
     used = lambda test: any(test(a) for a in args.attacks)
-    outputs = [o for o in (args.json, args.csv, args.plot, args.save_masks) if o]
+    outputs = {flag: o for flag, o in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot),
+                                       ("--save-masks", args.save_masks)) if o is not None}
+    drawn = {"--plot": report.figure_problem, "--save-masks": report.image_problem}     # the extension's format
+    refused = {flag: common.unwritable(o) or drawn.get(flag, lambda _: None)(o)     # tried now, before any attack
+               for flag, o in outputs.items()}
     checks = [
         (args.attacks != [""], f"--attacks is empty; choose from {', '.join(NAMES)}"),
         (all(typed), f"--attacks {','.join(typed)} has an empty entry; separate the attacks by single commas"),
@@ -431,7 +441,7 @@ def parse_args(argv=None):
         (args.restarts is None or used(restartable), "--restarts applies to pgdN, cw, mtpgd, pgd10rs: add one"),
         (args.queries is None or args.queries >= 1, f"--queries {args.queries} must be >= 1"),
         (args.queries is None or "square" in args.attacks, "--queries applies to square: add it to --attacks"),
-        (args.alpha is None or args.alpha > 0, f"--alpha {args.alpha} must be > 0"),
+        (args.alpha is None or 0 < args.alpha < math.inf, f"--alpha {args.alpha} must be a finite number > 0"),
         (args.alpha is None or used(lambda a: pgd_steps(a) or a in ("cw", "mtpgd")),
          "--alpha is the step of pgdN, cw and mtpgd: add one to --attacks"),
         (args.cw_steps is None or (args.cw_steps >= 1 and "cw" in args.attacks), "--cw-steps needs cw and >= 1"),
@@ -444,8 +454,7 @@ def parse_args(argv=None):
         (not (args.arch and args.dataset) or args.arch in models.CLASSIFIERS[args.dataset],
          f"--arch {args.arch} is not a {args.dataset} classifier; choose from "
          f"{', '.join(models.CLASSIFIERS.get(args.dataset, ()))}"),
-        *[(os.path.isdir(os.path.dirname(os.path.abspath(o))), f"{o}: its folder does not exist; create it first")
-          for o in outputs],
+        *[(not why, f"{flag} {outputs[flag]}: {why}") for flag, why in refused.items()],
     ]
     problem = next((msg for ok, msg in checks if not ok), None)
     if problem:
@@ -478,6 +487,9 @@ def load_everything(args, device):
             loaded.append({**m, "weights": checkpoints.weights_hash(m["f"])})
         for dataset in dict.fromkeys(m["dataset"] for m in loaded):
             test = data.load_test(dataset, args.data_dir)
+            if (args.subset or 0) > len(test):
+                die(f"--subset {args.subset}: the {dataset} test set has {len(test):,} images; give at most that "
+                    "or drop --subset")
             splits[dataset] = (test.take(slice(0, args.subset)).to(device), test_set_id(dataset, test))
         for m in loaded:
             x, _ = next(data.batches(splits[m["dataset"]][0].take(slice(0, 2)), 2))
@@ -499,9 +511,9 @@ def evaluate_all(loaded, splits, args, store, rows, save):
             s = settings_for(m["dataset"], eps, args.alpha, args.cw_steps, args.mt_steps, args.restarts or 1,
                              args.queries or 5000, args.seed, args.batch_size)
             runs = list(dict.fromkeys(["natural", *args.attacks, *(SANITY if args.sanity and k == 0 else ())]))
-            report.say(f"evaluating {m['source']} ({m['kind']}, {m['dataset']}, {m['arch']}, {m['method']}, epoch "
-                f"{m['epoch']}, weights {m['weights']}) at eps {s['eps']:.4g} on {len(split)} test images, "
-                f"{split.labels.device}")
+            facts = [m["kind"], m["dataset"], m["arch"], m["method"], m["epoch"] is not None and f"epoch {m['epoch']}"]
+            report.say(f"evaluating {m['source']} ({', '.join(str(k) for k in facts if k)}, weights "
+                       f"{m['weights']}) at eps {s['eps']:.4g} on {len(split)} test images, {split.labels.device}")
             report.say(f"settings: {json.dumps(s)}")
             rows.append(make_row(m, s, split, images, runs, args.attacks, store))
             for name in runs:
@@ -511,6 +523,15 @@ def evaluate_all(loaded, splits, args, store, rows, save):
                 rows[-1]["masks"], grid = run_masks(m, split, images, store, args, progress, save)
             save()
     return grid
+
+
+def written(path, write, kept):
+    """write(), or one line naming `path`, the cause in plain words (a full or read-only disk) and what
+    is kept, exit 1: no traceback after the attacks."""
+    try:
+        write()
+    except OSError as e:
+        die(f"could not write {path}: {common.cause(e)}; {kept}", code=1)
 
 
 def interrupt(signum, frame):
@@ -525,12 +546,17 @@ def main(argv=None):
     need_packages(args)
     loaded, splits = load_everything(args, device)
     store, rows = open_store(args.json, args, splits), []         # a bad file is refused before any attack
+    command = ["evaluate.py", *(sys.argv[1:] if argv is None else argv)]
+    again = f"run python {shlex.join(command)} again"
 
     def save():
         if args.json:
-            common.write_json({"results": store, "models": rows, "attacks": args.attacks,
-                               "command": ["evaluate.py", *(sys.argv[1:] if argv is None else argv)],
-                               "command_seconds": round(time.time() - t_start, 1)}, args.json)
+            doc = {"results": store, "models": rows, "attacks": args.attacks, "command": command,
+                   "command_seconds": round(time.time() - t_start, 1)}
+            kept = (f"{args.json} holds every batch written before, intact" if os.path.exists(args.json)
+                    else "no batch was written yet")
+            written(args.json, lambda: common.write_json(doc, args.json),
+                    f"{kept}: once the disk takes it (free space, or a writable one), {again} to go on")
 
     previous = signal.signal(signal.SIGTERM, interrupt)          # SIGTERM stops as Ctrl-C does
     try:
@@ -542,15 +568,14 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(report.eval_table(rows, args.attacks))
-    if args.save_masks:
-        report.save_grid(grid, args.save_masks)
-        print(f"masks: {args.save_masks}")
-    if args.csv:
-        report.write_csv(rows, args.attacks, args.csv)
-        print(f"csv: {args.csv}")
-    if args.plot:
-        report.plot_curve(rows, args.attacks, args.plot)
-        print(f"curve: {args.plot}")
+    kept = (f"every result is in {args.json}: once the disk takes it, {again} (it recomputes nothing)" if args.json
+            else "the table above has the numbers (nothing else is kept without --json)")
+    for path, write, name in ((args.save_masks, lambda: report.save_grid(grid, args.save_masks), "masks"),
+                              (args.csv, lambda: report.write_csv(rows, args.attacks, args.csv), "csv"),
+                              (args.plot, lambda: report.plot_curve(rows, args.attacks, args.plot), "curve")):
+        if path:
+            written(path, write, kept)
+            print(f"{name}: {path}")
 
 
 if __name__ == "__main__":

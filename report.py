@@ -1,5 +1,5 @@
 """Every table and picture: from finished runs, mean +- sd over seeds, the per-epoch validation table
-and the per-epoch curves of several runs in one PNG; for evaluate.py, its table, CSV, eps curve,
+and the per-epoch curves of several runs in one figure (PNG, PDF, SVG, ...: its extension decides); for evaluate.py, its table, CSV, eps curve,
 Figure-2 grid and progress lines (it prints through this file; this file imports no entry script).
 
     python report.py runs/cat_s0 runs/cat_s1 runs/cat_s2 runs/at_s0 runs/at_s1 --eval eval.json
@@ -13,7 +13,10 @@ are taken; a folder without best.pt takes the rows of the one model its JSON hol
 configs differ only in NOT_THE_EXPERIMENT (the seed, where and on what device they ran) form
 one group; the seeds table gives each number of a group as mean +- sd over its runs (sample
 standard deviation, n - 1), n the values behind each cell, and says when seeds were evaluated on
-different numbers of test images. Accuracies are in %.
+different numbers of test images. Runs of one experiment that share a seed are not seeds: each is a row
+of its own, marked with its path; a run that stopped before its config's epochs is marked. The test
+images behind the test columns are said under the table, or in each test cell when they differ.
+Accuracies are in %.
 """
 import contextlib
 import csv
@@ -40,11 +43,24 @@ NOT_THE_EXPERIMENT = (RESUMABLE - {"epochs", "stop_on_collapse"}) | {"seed", "da
 
 def read_json(path, lines=False):
     """A JSON file (lines: the records of a JSON-lines file); a file that cannot be read is a
-    ValueError that names it."""
+    ValueError that names it (and the line of a JSON-lines file)."""
+    where = path
     try:
         with open(path) as fh:
-            return [json.loads(line) for line in fh if line.strip()] if lines else json.load(fh)
-    except (OSError, ValueError) as e:                # a binary file: UnicodeDecodeError, a ValueError
+            if not lines:
+                return json.load(fh)
+            records = []
+            for number, line in enumerate(fh, 1):
+                where = f"{path}, line {number}"
+                if line.strip():
+                    records.append(json.loads(line))
+            return records
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if lines else f"line {e.lineno}, column {e.colno}"
+        raise ValueError(f"{where}: not JSON ({e.msg} at {at})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: binary bytes, not JSON text (truncated, corrupt or another kind of file)") from None
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path}: {checkpoints.one_line(e)}") from None
 
 
@@ -82,6 +98,9 @@ def eval_rows(path, folder):
 def read_run(arg, eval_name=None):
     """{label, path, config, epochs (metrics.jsonl records), evals (evaluate.py rows)} for `arg`."""
     label, _, path = arg.rpartition("=") if "=" in arg and os.path.exists(arg.rpartition("=")[2]) else ("", "", arg)
+    if os.path.isfile(path) and path.endswith((".pt", ".pth")):
+        checkpoints.load_checkpoint(path)          # a truncated or foreign file: a CheckpointError that says so
+        die(f"{path} is a checkpoint; report.py reads runs: pass its folder {os.path.dirname(path) or '.'}")
     if os.path.isfile(path):
         run = {"path": path, "config": None, "metrics": path, "evals": []}
         label = label or os.path.splitext(os.path.basename(path))[0]
@@ -127,12 +146,20 @@ def base_label(config):
 
 def group_runs(runs):
     """[(label, [runs])], runs of one experiment together, in the order first seen. Groups that
-    would share a label get the config values that tell them apart."""
+    would share a label get the config values that tell them apart. Runs of one experiment that share
+    a seed are copies or reruns, not seeds: each is a group of its own, named by its path, and marked."""
     groups = {}
     for i, run in enumerate(runs):
         key = experiment(run["config"]) or f"run {i}"
         groups.setdefault(key, []).append(run)
-    labelled = []
+    apart = {}
+    for key, members in groups.items():
+        seeds = [(m["config"] or {}).get("seed") for m in members]
+        if len(set(seeds)) == len(seeds):
+            apart[key] = members
+        else:
+            apart.update({f"{key} {i}": [{**m, "shares_seed": True}] for i, m in enumerate(members)})
+    groups, labelled = apart, []
     for key, members in groups.items():
         cfg = members[0]["config"]
         label = members[0]["label"] or (base_label(cfg) if cfg else members[0]["path"])
@@ -141,6 +168,8 @@ def group_runs(runs):
         differ = sorted(k for k in cfg or {} if k not in NOT_THE_EXPERIMENT and any(t.get(k) != cfg[k] for t in twins))
         if differ and not members[0]["label"]:
             label += ", " + ", ".join(f"{k} {cfg[k]}" for k in differ)
+        if members[0].get("shares_seed") and not members[0]["label"]:
+            label += f" [{members[0]['path']}]"
         labelled.append((label, members))
     return labelled
 
@@ -175,37 +204,66 @@ def column_name(col, several_eps):
     return f"{name} (eps {eps:g})" if several_eps and eps is not None else name
 
 
-def cell(values, digits, n=None):
-    """mean ± sd of the values, with their number when it is below the n of the row."""
+def count(n):
+    return f"{n:,}" if isinstance(n, int) else "?"
+
+
+def cell(values, digits, n=None, images=None):
+    """mean ± sd of the values, with their number when it is below the n of the row, and the test images
+    behind each value when `images` lists them."""
     if not values:
         return "-"
     mean, sd = mean_sd(values)
+    said = [f"n={len(values)}"] if n and len(values) < n else []
+    said += [f"{'/'.join(count(k) for k in dict.fromkeys(images))} images"] if images else []
     return (f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
-            + (f" (n={len(values)})" if n and len(values) < n else ""))
+            + (f" ({'; '.join(said)})" if said else ""))
+
+
+def stopped_early(run):
+    """(epochs done, epochs of its config) of a run that stopped before its config's epochs, else None."""
+    done, planned = max((r["epoch"] for r in run["epochs"]), default=0), (run["config"] or {}).get("epochs")
+    return (done, planned) if planned and done < planned else None
+
+
+def seed_of(run):
+    """The run's seed, and the epochs it finished when it stopped early."""
+    early = stopped_early(run)
+    return str((run["config"] or {}).get("seed", "-")) + (f" ({early[0]} of {early[1]} epochs)" if early else "")
 
 
 def seeds_table(groups):
     """Markdown: one line per group, each number as mean ± sd over the group's runs; n, the values
-    behind each cell (a range when they differ, each cell below its top giving its own); then a
-    line for each number averaged over seeds evaluated on different numbers of test images."""
+    behind each cell (a range when they differ, each cell below its top giving its own); the test
+    images behind the test columns, once under the table or, when the table holds several numbers of
+    them, in every test cell; a line for each number averaged over seeds evaluated on different numbers
+    of test images; and what is marked: unfinished runs, runs that share a seed."""
     numbers = [[run_numbers(r) for r in members] for _, members in groups]
     cols = list(dict.fromkeys(c for rows in numbers for row in rows for c in row))
     several_eps = len({c[1] for c in cols if isinstance(c, tuple)}) > 1
+    sizes = list(dict.fromkeys(k for rows in numbers for row in rows for c in row if isinstance(c, tuple)
+                               for k in [row[c][1]]))
     head = ["run", "n", "seeds", *[column_name(c, several_eps) for c in cols]]
     lines, notes = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], []
     for (label, members), rows in zip(groups, numbers):
-        seeds = ", ".join(str((m["config"] or {}).get("seed", "-")) for m in members)
+        seeds = ", ".join(seed_of(m) for m in members)
         values = {c: [row[c] for row in rows if c in row] for c in cols}
         counts = sorted({len(v) for v in values.values() if v})
         n = counts[-1] if counts else 0
         n_text = "0" if not counts else str(n) if len(counts) == 1 else f"{counts[0]}-{n}"
-        cells = [cell([v for v, _ in values[c]], (1 if len(members) > 1 else 0) if c == "best epoch" else 2, n)
-                 for c in cols]
+        cells = [cell([v for v, _ in values[c]], (1 if len(members) > 1 else 0) if c == "best epoch" else 2, n,
+                      [k for _, k in values[c]] if isinstance(c, tuple) and len(sizes) > 1 else None) for c in cols]
         lines.append("| " + " | ".join([label, n_text, seeds, *cells]) + " |")
         notes += [f"{label}, {column_name(c, several_eps)}: seeds evaluated on different numbers of test images "
-                  f"({', '.join(str(k) for _, k in values[c])}); the mean mixes them"
+                  f"({', '.join(count(k) for _, k in values[c])}); the mean mixes them"
                   for c in cols if len({k for _, k in values[c]}) > 1]
-    return "\n".join(lines + [""] * bool(notes) + notes)
+    said = "n: the runs (seeds) behind each number, mean ± sd over them; accuracy in %"
+    notes.insert(0, said + (f"; test columns on {count(sizes[0])} test images" if len(sizes) == 1 else ""))
+    if any(m.get("shares_seed") for _, members in groups for m in members):
+        notes.append("[path]: runs of one experiment with the same seed, listed one by one, not averaged as seeds")
+    if any(stopped_early(m) for _, members in groups for m in members):
+        notes.append("(k of N epochs): a run that stopped before its config's epochs; its numbers come from those k")
+    return "\n".join(lines + [""] + notes)
 
 
 def run_labels(groups):
@@ -252,6 +310,36 @@ def epoch_means_table(groups):
 
 # ============================================================================ curves
 
+def extension(path):
+    """'pdf' for 'c.PDF': the format matplotlib and Pillow are told to write (the temporary name has none)."""
+    return os.path.splitext(path)[1][1:].lower()
+
+
+def format_problem(path, formats, who):
+    """Why `path` cannot be written: its extension names no format of `formats` (what `who` writes); or None."""
+    ext = extension(path)
+    if ext not in formats:
+        shown = ", ".join(f".{f}" for f in sorted(formats)[:16]) + (", ..." if len(formats) > 16 else "")
+        return f"{'.' + ext if ext else 'no extension'}: not a format {who} writes; end the name in one of {shown}"
+    return None
+
+
+def figure_problem(path):
+    """Why matplotlib cannot write `path` (savefig follows its extension: .png, .pdf, .svg, ...), or None."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return None                                  # the caller says how to install matplotlib
+    return format_problem(path, FigureCanvasBase.get_supported_filetypes(), "matplotlib")
+
+
+def image_problem(path):
+    """Why Pillow cannot write the Figure-2 grid to `path` (it follows its extension), or None."""
+    from PIL import Image
+    Image.init()
+    return format_problem(path, {e[1:] for e, f in Image.registered_extensions().items() if f in Image.SAVE}, "Pillow")
+
+
 def plot_curves(groups, path):
     """Validation natural, PGD-20 and mean mask against epoch, one line per run, three panels."""
     import matplotlib
@@ -274,7 +362,7 @@ def plot_curves(groups, path):
     rows = math.ceil(len(runs) / 5)
     fig.legend(loc="lower center", ncol=min(5, len(runs)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
-    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format=extension(path), dpi=110))
     plt.close(fig)
 
 
@@ -301,7 +389,8 @@ def eval_table(rows, names):
         lines.append(f"{r['model']:<28}{r['eps']:>9.4g}" + cells)
     lines.append(f"accuracy in % on n = {', '.join(str(n) for n in dict.fromkeys(r['n_test'] for r in rows))} "
                  f"test images; binomial standard error <= {50 / math.sqrt(min(r['n_test'] for r in rows)):.2f} "
-                 "points. Avg: mean of the columns before it; Worst: survives every attack run, natural included")
+                 "points. Avg: mean of the columns before it"
+                 + ("; Worst: survives every attack run, natural included" if "worst" in cols else ""))
     for r in rows:
         if "sanity" in r:
             lines.append(f"sanity {r['model']}: PGD-20 at eps 0 {r['sanity']['eps0']:.2f}% (natural must match), "
@@ -330,7 +419,7 @@ def write_csv(rows, names, path):
 
 
 def plot_curve(rows, names, path):
-    """Accuracy against eps, one line per attack (and Worst) and model, as a PNG."""
+    """Accuracy against eps, one line per attack (and Worst) and model, in the format of path's extension."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -349,15 +438,18 @@ def plot_curve(rows, names, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format=extension(path), dpi=120))
     plt.close(fig)
 
 
 def save_grid(rows, path):
-    """Four rows (natural, adversarial, mask, calibrated) as one PNG, written atomically."""
+    """Four rows (natural, adversarial, mask, calibrated) as one image in the format of path's extension,
+    written atomically."""
+    from PIL import Image
     from torchvision.utils import make_grid, save_image
     grid = make_grid(rows, nrow=len(rows) // 4, padding=2, pad_value=1.0)
-    common.write_atomic(path, lambda tmp: save_image(grid, tmp, format="png"))
+    kind = Image.registered_extensions()[f".{extension(path)}"]
+    common.write_atomic(path, lambda tmp: save_image(grid, tmp, format=kind))
 
 
 # ============================================================================ progress lines while evaluate.py runs
@@ -437,10 +529,18 @@ def parse_args(argv=None):
                    "the seeds table's test columns")
     p.add_argument("--epochs", action="store_true", help="also print the per-epoch validation table (and, for "
                    "seeds of one setting, its mean ± sd per epoch)")
-    p.add_argument("--curves", metavar="PNG", help="draw the per-epoch validation curves of all runs (matplotlib)")
+    p.add_argument("--curves", metavar="FILE.png", help="draw the per-epoch validation curves of all runs "
+                   "(matplotlib), in the format of its extension (.png, .pdf, .svg, ...)")
     args = p.parse_args(argv)
-    if args.curves and not os.path.isdir(os.path.dirname(os.path.abspath(args.curves))):
-        p.error(f"{args.curves}: its folder does not exist; create it first")
+    problem = next((f"{arg}: the label before '=' is empty; write name{arg} or drop the '='"
+                    for arg in args.runs if arg.startswith("=")), None)
+    if args.eval is not None and not args.eval.strip():
+        problem = "--eval is empty; name the evaluate.py JSON inside each run folder, e.g. --eval eval.json"
+    if args.curves is not None:
+        problem = problem or next((f"--curves {args.curves}: {why}" for why in (
+            common.unwritable(args.curves), figure_problem(args.curves)) if why), None)
+    if problem:
+        p.error(problem)
     return args
 
 
@@ -463,7 +563,11 @@ def main(argv=None):
             print("\nPer epoch, mean ± sd over seeds:\n")
             print(epoch_means_table(groups))
     if args.curves:
-        plot_curves(groups, args.curves)
+        try:
+            plot_curves(groups, args.curves)
+        except OSError as e:
+            die(f"could not write {args.curves}: {common.cause(e)}; report.py changes nothing else: once the "
+                "disk takes it (free space, or a writable one), run the same command again", code=1)
         print(f"\ncurves: {args.curves}")
 
 

@@ -1,11 +1,13 @@
 """The specification of evaluate.py and attacks.mtpgd, as tests. Run: python -m pytest -q tests/test_eval.py"""
 import copy
 import csv
+import errno
 import json
 import os
 import re
 import signal
 import sys
+import types
 
 import pytest
 import torch
@@ -385,6 +387,8 @@ def test_a_state_dict_with_dataset_and_arch(tmp_path, capsys):
     torch.save({f"module.{k}": v for k, v in f.state_dict().items()}, tmp_path / "weights.pt")   # a DDP save
     evaluate_main([str(tmp_path / "weights.pt"), "--dataset", "mnist", "--arch", "mnist_cnn",
                    "--attacks", "natural,fgsm", "--subset", "20", "--json", str(tmp_path / "e.json")])
+    banner = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluating"))
+    assert "(state_dict, mnist, mnist_cnn, weights " in banner and "None" not in banner, banner
     row = json.load(open(tmp_path / "e.json"))["models"][0]
     assert (row["kind"], row["arch"], row["dataset"], row["n_test"]) == ("state_dict", "mnist_cnn", "mnist", 20)
     with torch.no_grad():
@@ -401,7 +405,8 @@ def model_refusal(case, tmp, natural_model):
                                    "does not fit --arch preact18"),
         "state_dict, no arch": ([str(tmp / "sd.pt")], "pass --dataset and --arch"),
         "factory raises": ([f"{zoo}:broken", "--dataset", "mnist"], "raised ValueError: no weights here"),
-        "factory, no such function": ([f"{zoo}:nothing", "--dataset", "mnist"], "raised AttributeError"),
+        "factory, no such function": ([f"{zoo}:nothing", "--dataset", "mnist"],
+                                      f"{zoo} has no function nothing(); it defines build, broken, flat, number"),
         "factory, wrong output shape": ([f"{zoo}:flat", "--dataset", "mnist"], "returns (2, 784)"),
         "factory, not a module": ([f"{zoo}:number", "--dataset", "mnist"], "not a torch.nn.Module"),
         "factory, no dataset": ([f"{zoo}:build"], "needs --dataset"),
@@ -418,7 +423,7 @@ def test_models_that_cannot_be_evaluated_are_refused_in_one_line(case, natural_m
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main(argv + ["--attacks", "natural", "--json", str(tmp_path / "e.json")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert exit_info.value.code == 2 and len(err) == 1 and words in err[0] and "factory_" not in err[0], err
     assert not os.path.exists(tmp_path / "e.json")
 
 
@@ -724,6 +729,8 @@ def bad_input(case, ckpt, tmp):
         torch.save({**ck, "mask": None}, tmp / "at.pt")
     elif case == "missing data":
         cifar_checkpoint(tmp / "cifar.pt")
+    elif case == "a folder named .pt":
+        (tmp / "dir.pt").mkdir()
     return {
         "unknown attack": ([best, "--attacks", "natural,pgd7x"], "unknown attack pgd7x"),
         "unknown flag": ([best, "--epsilon", "0.1"], "unrecognized arguments"),
@@ -737,9 +744,19 @@ def bad_input(case, ckpt, tmp):
         "queries unused": ([best, "--attacks", "natural,pgd20", "--queries", "10"], "--queries applies to square"),
         "restarts unused": ([best, "--attacks", "natural,fgsm", "--restarts", "2"], "--restarts applies"),
         "progress": ([best, "--progress", "0"], "--progress 0.0 must be > 0"),
+        "alpha nan": ([best, "--attacks", "natural,pgd20", "--alpha", "nan"], "--alpha nan must be a finite number"),
+        "subset beyond the test set": ([best, "--subset", "20000"], "the mnist test set has 10,000 images"),
+        "a run folder": ([ckpt], f"{ckpt} is a folder, not a checkpoint file; pass {best}"),
+        "a folder named .pt": ([str(tmp / "dir.pt") + "/"], "dir.pt/ is a folder, not a checkpoint file"),
+        "json is a folder": ([best, "--json", str(tmp)], f"--json {tmp}: is a folder"),
+        "csv, empty name": ([best, "--csv", ""], "--csv : the name is empty"),
+        "plot, unknown format": ([best, "--eps", "0.1,0.2", "--plot", str(tmp / "c.xyz")],
+                                 ".xyz: not a format matplotlib writes"),
+        "masks, unknown format": ([best, "--save-masks", str(tmp / "m.xyz")], ".xyz: not a format Pillow writes"),
         "missing": ([str(tmp / "nope.pt")], "no such checkpoint"),
         "truncated": ([str(tmp / "cut.pt")], "truncated"),
-        "pickled object": ([str(tmp / "evil.pt")], "refused"),
+        "pickled object": ([str(tmp / "evil.pt")], "refused, it holds more than tensors and plain values (it would "
+                           "import io.open); load only checkpoints written by train.py"),
         "foreign": ([str(tmp / "foreign.pt")], "not a train.py checkpoint"),
         "dataset mismatch": ([best, "--dataset", "cifar10"], "dataset mnist"),
         "arch mismatch": ([best, "--arch", "preact18"], "arch mnist_cnn"),
@@ -753,7 +770,10 @@ def bad_input(case, ckpt, tmp):
                                   "eps, empty entry", "attacks, empty entry",
                                   "plot, one eps", "alpha unused", "queries unused", "restarts unused", "progress",
                                   "missing", "truncated", "pickled object", "foreign", "dataset mismatch",
-                                  "arch mismatch", "not CAT", "missing data", "json folder"])
+                                  "arch mismatch", "not CAT", "missing data", "json folder", "alpha nan",
+                                  "subset beyond the test set", "a run folder", "a folder named .pt",
+                                  "json is a folder", "csv, empty name", "plot, unknown format",
+                                  "masks, unknown format"])
 def test_bad_input_one_line_exit_2_nothing_written(case, checkpoint, tmp_path, capsys):
     argv, words = bad_input(case, checkpoint, tmp_path)
     if "--json" not in argv:
@@ -762,6 +782,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, checkpoint, tmp_path, c
         evaluate.main(argv + ["--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert "\x1b" not in err[0] and not err[0].endswith((" t", "...")), err                # whole words, no escapes
     assert not os.path.exists(tmp_path / "eval.json") and not os.path.exists(tmp_path / "m.png")
     assert not os.path.exists(tmp_path / "c.png") and not os.path.exists(tmp_path / "marker")   # the payload never ran
 
@@ -830,3 +851,86 @@ def test_device_cuda_without_a_gpu_is_one_line(checkpoint, capsys):
         evaluate.main([os.path.join(checkpoint, "best.pt"), "--device", "cuda"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "--device cpu" in err[0]
+
+
+# ============================================================================ outputs: checked first, written whole or said in one line
+
+@pytest.mark.parametrize("flag,name", [("--json", "e.json"), ("--csv", "t.csv"), ("--plot", "c.pdf"),
+                                       ("--save-masks", "m.png")])
+def test_an_output_on_a_read_only_disk_is_refused_before_anything_loads(flag, name, checkpoint, tmp_path, capsys,
+                                                                        monkeypatch, read_only_disk):
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a: pytest.fail("loaded a model before checking"))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([os.path.join(checkpoint, "best.pt"), "--eps", "0.2,0.3", flag, str(tmp_path / name)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert f"{flag} {tmp_path / name}: cannot be written here (Read-only file system)" in err[0]
+
+
+def test_the_output_probe_finds_a_full_disk_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    path = str(tmp_path / "e.json")
+    assert common.unwritable(path) is None and os.listdir(tmp_path) == []
+
+    def full(name, *args):                              # the file is created, its first bytes find no space
+        open(name, "w").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(common, "open", full, raising=False)
+    assert common.unwritable(path) == "cannot be written here (No space left on device); choose another folder"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_is_one_line_that_keeps_the_store_and_says_how_to_go_on(checkpoint, tmp_path, capsys, request):
+    best, out = os.path.join(checkpoint, "best.pt"), tmp_path / "e.json"
+    evaluate_main([best, "--attacks", "natural", "--subset", "20", "--json", str(out)])
+    before = out.read_bytes()
+    request.getfixturevalue("full_disk")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:                # the first batch of fgsm cannot be stored
+        evaluate_main([best, "--attacks", "natural,fgsm", "--subset", "20", "--json", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and out.read_bytes() == before, err
+    assert f"could not write {out}: No space left on device; {out} holds every batch written before, intact" in err[0]
+    assert f"run python evaluate.py {best} --attacks natural,fgsm --subset 20 --json {out} " in err[0]
+    with pytest.raises(SystemExit) as exit_info:                # no store: the table is printed, then one line
+        evaluate_main([best, "--attacks", "natural", "--subset", "20", "--csv", str(tmp_path / "t.csv")])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and "flags: none" in captured.out, err
+    assert f"could not write {tmp_path / 't.csv'}: No space left on device; the table above has the numbers" in err[0]
+
+
+def test_plot_and_masks_are_written_in_the_format_their_extension_names(checkpoint, tmp_path):
+    evaluate_main([os.path.join(checkpoint, "best.pt"), "--attacks", "natural", "--eps", "0.2,0.3", "--subset", "10",
+                   "--plot", str(tmp_path / "p.svg"), "--save-masks", str(tmp_path / "m.jpg")])
+    assert (tmp_path / "p.svg").read_bytes()[:5] == b"<?xml" and (tmp_path / "m.jpg").read_bytes()[:2] == b"\xff\xd8"
+
+
+def test_help_shows_the_defaults():
+    text = " ".join(evaluate.build_parser().format_help().split())
+    assert "default: natural,fgsm,pgd20,pgd100,cw" in text and "default: all (10,000 on MNIST and CIFAR)" in text
+    assert "test images per batch (restarts attack the survivors only). default: 500" in text
+
+
+@pytest.mark.parametrize("names", [["natural"], ["natural", "pgd20"]])
+def test_the_footer_explains_worst_only_under_a_worst_column(names):
+    row = {"model": "m", "source": "m.pt", "eps": 0.3, "n_test": 100, "accuracy": {n: 50.0 for n in names}, "flags": []}
+    table = report.eval_table([row], names)
+    assert ("Worst" in table.splitlines()[0]) == (len(names) > 1) == ("Worst:" in table)
+
+
+def test_a_checkpoint_save_on_a_full_disk_names_disk_space(tmp_path, monkeypatch):
+    """torch reports a short write as '[enforce fail at inline_container.cc] unexpected pos': the message
+    says what it means when the free space cannot hold the checkpoint, and the old copy stays."""
+    path, ckpt = str(tmp_path / "best.pt"), {"model": {"w": torch.zeros(1 << 18)}, "epoch": 2}      # 1 MiB of tensors
+    checkpoints.save({"epoch": 1}, path)
+
+    def short_write(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1827456 vs 1827344")
+    monkeypatch.setattr(torch, "save", short_write)
+    for free, words in ((3 << 19, "(No space left on device: 1.5 MiB free, the checkpoint needs 1.0)"),
+                        (1 << 40, "(RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos")):
+        monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=free))
+        with pytest.raises(checkpoints.CheckpointError) as e:
+            checkpoints.save(ckpt, path)
+        assert str(e.value).startswith(f"could not write {path} {words}") and "is intact" in str(e.value)
+    assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["best.pt"]

@@ -136,7 +136,8 @@ def test_n_counts_the_values_and_different_test_sizes_are_said(tmp_path, capsys)
             write_run(tmp_path / "s2", 2, val, {})]                  # seed 2: no evaluation
     report.main([*runs, "--eval", "eval.json"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == "| CAT_cw(0.3) | 2-3 | 0, 1, 2 | 1.0 ± 0.0 | 95.00 ± 0.00 | 80.00 ± 0.00 | 85.00 ± 7.07 (n=2) |"
+    assert lines[2] == "| CAT_cw(0.3) | 2-3 | 0, 1, 2 | 1.0 ± 0.0 | 95.00 ± 0.00 | 80.00 ± 0.00 | 85.00 ± 7.07 " \
+                       "(n=2; 100/50 images) |"
     assert lines[-1] == ("CAT_cw(0.3), PGD-20: seeds evaluated on different numbers of test images (100, 50); "
                          "the mean mixes them")
 
@@ -205,3 +206,92 @@ def test_a_run_saved_before_resolved_values_groups_with_todays(tmp_path, capsys)
     report.main([old, new, other])
     out = capsys.readouterr().out
     assert "| CAT_cw(0.3), start 0.3 | 2 | 0, 1 |" in out and "| CAT_cw(0.3), start 0.1 | 1 | 2 |" in out
+
+
+# ============================================================================ what is comparable, and n
+
+def test_runs_of_one_seed_are_listed_apart_and_an_unfinished_run_is_marked(tmp_path, capsys):
+    val = [(95.0, 80.0, 0.1), (97.0, 88.0, 0.5)]
+    runs = [write_run(tmp_path / name, 0, val[:done], {"pgd20": pgd20}, epochs=2)
+            for name, done, pgd20 in (("a", 2, 90.0), ("b", 2, 92.0), ("c", 1, 97.0))]
+    report.main([*runs, "--eval", "eval.json"])
+    out = capsys.readouterr().out
+    assert not [line for line in out.splitlines() if line.startswith("| CAT") and ("| 3 |" in line or "±" in line)]
+    assert f"| CAT_cw(0.3) [{runs[0]}] | 1 | 0 | 2 | 97.00 | 88.00 | 90.00 |" in out
+    assert f"| CAT_cw(0.3) [{runs[2]}] | 1 | 0 (1 of 2 epochs) | 1 | 95.00 | 80.00 | 97.00 |" in out
+    assert "same seed, listed one by one, not averaged as seeds" in out and "(k of N epochs): a run that stopped" in out
+
+
+def test_every_table_says_its_test_images(tmp_path, capsys):
+    val = [(95.0, 80.0, 0.1)]
+    same = [write_run(tmp_path / f"s{seed}", seed, val, {"pgd20": 90.0}, n_test=1000) for seed in (0, 1)]
+    report.main([*same, "--eval", "eval.json"])
+    out = capsys.readouterr().out
+    assert "| CAT_cw(0.3) | 2 | 0, 1 | 1.0 ± 0.0 | 95.00 ± 0.00 | 80.00 ± 0.00 | 90.00 ± 0.00 |" in out
+    assert "n: the runs (seeds) behind each number, mean ± sd over them; accuracy in %; test columns on 1,000 " \
+           "test images" in out
+    other = write_run(tmp_path / "trades", 0, val, {"pgd20": 60.0}, n_test=10000, method="trades")
+    report.main([*same, other, "--eval", "eval.json"])                  # one table, two test-set sizes
+    out = capsys.readouterr().out
+    assert "| 90.00 ± 0.00 (1,000 images) |" in out and "| TRADES(0.3) | 1 | 0 | 1 | 95.00 | 80.00 | 60.00 " \
+                                                          "(10,000 images) |" in out
+    assert "test columns on" not in out
+
+
+# ============================================================================ bad input, files that cannot be written
+
+def test_a_checkpoint_or_a_broken_metrics_file_is_named_for_what_it_is(tmp_path, capsys):
+    run = write_run(tmp_path / "r", 0, [(95.0, 80.0, 0.1)], {}, arch="mnist_cnn")
+    f = models.build("mnist_cnn", "mnist")
+    torch.save({"model": f.state_dict(), "config": json.load(open(tmp_path / "r" / "config.json")), "epoch": 1},
+               tmp_path / "r" / "best.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "r" / "best.pt").read_bytes()[:3000])
+    (tmp_path / "m.jsonl").write_text('{"epoch": 1, "val_natural": 9, "val_pgd20": 1}\n{"epoch": 2, garbage\n')
+    for arg, words in ((str(tmp_path / "cut.pt"), "cut.pt: not a readable torch checkpoint, truncated or corrupt"),
+                       (str(tmp_path / "r" / "best.pt"), f"best.pt is a checkpoint; report.py reads runs: pass its "
+                                                         f"folder {run}"),
+                       (str(tmp_path / "m.jsonl"), "m.jsonl, line 2: not JSON")):
+        with pytest.raises(SystemExit) as exit_info:
+            report.main([arg])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and words in err[0] and "Unicode" not in err[0], err
+
+
+@pytest.mark.parametrize("case", ["empty label", "empty eval", "curves, unknown format", "curves, no extension",
+                                  "curves, a folder", "curves, no folder", "curves, read-only"])
+def test_bad_arguments_are_one_line(case, tmp_path, capsys, request):
+    run = write_run(tmp_path / "r", 0, [(95.0, 80.0, 0.1)], {"pgd20": 90.0})
+    argv, words = {
+        "empty label": ([f"={run}"], "the label before '=' is empty"),
+        "empty eval": ([run, "--eval", ""], "--eval is empty"),
+        "curves, unknown format": ([run, "--curves", str(tmp_path / "c.xyz")], ".xyz: not a format matplotlib writes"),
+        "curves, no extension": ([run, "--curves", str(tmp_path / "c")], "no extension: not a format"),
+        "curves, a folder": ([run, "--curves", str(tmp_path)], "is a folder"),
+        "curves, no folder": ([run, "--curves", str(tmp_path / "no" / "c.png")], "its folder does not exist"),
+        "curves, read-only": ([run, "--curves", str(tmp_path / "c.png")], "(Read-only file system)"),
+    }[case]
+    if case == "curves, read-only":
+        request.getfixturevalue("read_only_disk")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and words in err[0] and not captured.out, err
+    assert sorted(os.listdir(tmp_path)) == ["r"]                                     # nothing written
+
+
+def test_curves_that_cannot_be_written_are_one_line_after_the_table(tmp_path, capsys, full_disk):
+    run = write_run(tmp_path / "r", 0, [(95.0, 80.0, 0.1)], {"pgd20": 90.0})
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([run, "--curves", str(tmp_path / "c.png")])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and "| CAT_cw(0.3) | 1 | 0 |" in captured.out
+    assert f"could not write {tmp_path / 'c.png'}: No space left on device;" in err[0] and "run the same command" in err[0]
+
+
+@pytest.mark.parametrize("name,magic", [("c.pdf", b"%PDF"), ("c.svg", b"<?xml")])
+def test_curves_are_drawn_in_the_format_their_extension_names(name, magic, tmp_path, capsys):
+    run = write_run(tmp_path / "r", 0, [(95.0, 80.0, 0.1), (97.0, 88.0, 0.5)], {})
+    report.main([run, "--curves", str(tmp_path / name)])
+    assert (tmp_path / name).read_bytes()[:len(magic)] == magic
