@@ -19,6 +19,8 @@ import socket
 import numpy as np
 import torch
 
+import common
+
 
 class DataError(Exception):
     """Missing or unreadable data, with a message that says what to do."""
@@ -41,8 +43,8 @@ class Split:
 
 
 def _one_line(e, limit=200):
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text if len(text) <= limit else text[:limit].rsplit(' ', 1)[0] + ' ...'}"
+    """An exception in one line: its type and its text, lines joined, cut at a word past `limit`."""
+    return f"{type(e).__name__}: {common.shorten(' '.join(str(e).split()), limit)}"
 
 
 class _ArraysOnly(pickle.Unpickler):
