@@ -184,6 +184,34 @@ def reconcile_metrics(out, ckpt, log=print):
         common.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
+# ============================================================================ an epoch's end
+
+def has_collapsed(best_pgd20, pgd20):
+    """Catastrophic overfitting: validation PGD-20 accuracy (%) fell below half of its best,
+    once the run had been robust at all (best >= 10%)."""
+    return best_pgd20 >= 10 and pgd20 < best_pgd20 / 2
+
+
+def finish_epoch(state, record, nat, rob, log=print):
+    """Add the epoch's metrics line and move state on to the next epoch. nat, rob: validation accuracy (%).
+    Returns (improved: natural + PGD-20 is the best so far, so the epoch becomes best.pt; collapsed)."""
+    epoch, best = record["epoch"], state.best
+    collapsed = has_collapsed(best["pgd20"], rob)
+    improved = nat + rob > best["score"]
+    if improved:
+        best.update(score=nat + rob, epoch=epoch)
+    best["pgd20"] = max(rob, best["pgd20"])
+    state.epoch, state.step, state.sums, state.seconds = epoch + 1, 0, {}, 0.0
+    state.history.append(record)
+    log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% (train {fmt_time(record['seconds'])}, "
+        f"validation {fmt_time(record['val_seconds'])})" +
+        ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
+    if not 0.01 <= record.get("mask", 0.5) <= 0.99:
+        log(f"WARNING: the mean mask was {record['mask']:.4f} over epoch {epoch}: x_cali is "
+            f"{'x' if record['mask'] < 0.01 else 'x + delta'}, so this is not CAT (the mask collapse; see README)")
+    return improved, collapsed
+
+
 # ============================================================================ saving
 
 def checkpoint(nets, cfg, state):

@@ -220,12 +220,6 @@ class Runtime:
 PROGRESS_S = 30                     # seconds between progress lines, in training and in validation
 
 
-def has_collapsed(best_pgd20, pgd20):
-    """Catastrophic overfitting: validation PGD-20 accuracy (%) fell below half of its best,
-    once the run had been robust at all (best >= 10%)."""
-    return best_pgd20 >= 10 and pgd20 < best_pgd20 / 2
-
-
 def batches_per_epoch(n_train, cfg, rt):
     return math.ceil(math.ceil(n_train / rt.world) / max(1, cfg["batch_size"] // rt.world))
 
@@ -322,29 +316,16 @@ def validate(f, val, cfg, rt, stop, epoch, steps=20, batch_size=500):
 
 
 def end_epoch(nets, counts, val_seconds, cfg, rt, state, n_train):
-    """From the all-reduced validation counts (so that every DDP process decides alike): choose best.pt and
-    decide on a collapse; rank 0 saves (runs.save_epoch). Moves state on to the next epoch; returns whether
-    robust accuracy collapsed."""
+    """The epoch's metrics line from the all-reduced validation counts (so every DDP process decides alike);
+    runs.finish_epoch picks best.pt (best natural + PGD-20 on validation) and watches for a collapse; rank 0
+    saves. Returns whether robust accuracy collapsed."""
     nat, rob, n = counts
     nat, rob = 100 * nat / n, 100 * rob / n
-    epoch, best = state.epoch, state.best
-    record = {"epoch": epoch, "lr": nets.opt_f.param_groups[0]["lr"],
+    record = {"epoch": state.epoch, "lr": nets.opt_f.param_groups[0]["lr"],
               **{k: round(float(v) / state.step, 5) for k, v in state.sums.items()},
               "val_natural": round(nat, 2), "val_pgd20": round(rob, 2), "seconds": round(state.seconds, 1),
               "val_seconds": round(val_seconds, 1), "images_per_s": round(n_train / state.seconds, 1)}
-    collapsed = has_collapsed(best["pgd20"], rob)
-    improved = nat + rob > best["score"]
-    if improved:
-        best.update(score=nat + rob, epoch=epoch)
-    best["pgd20"] = max(rob, best["pgd20"])
-    state.epoch, state.step, state.sums, state.seconds = epoch + 1, 0, {}, 0.0
-    state.history.append(record)
-    rt.log(f"epoch {epoch}: val natural {nat:.2f}% PGD-20 {rob:.2f}% (train {runs.fmt_time(record['seconds'])}, "
-           f"validation {runs.fmt_time(val_seconds)})" +
-           ("  WARNING: robust accuracy collapsed (catastrophic overfitting?)" if collapsed else ""))
-    if not 0.01 <= record.get("mask", 0.5) <= 0.99:
-        rt.log(f"WARNING: the mean mask was {record['mask']:.4f} over epoch {epoch}: x_cali is "
-               f"{'x' if record['mask'] < 0.01 else 'x + delta'}, so this is not CAT (the mask collapse; see README)")
+    improved, collapsed = runs.finish_epoch(state, record, nat, rob, rt.log)
     if rt.main:
         runs.save_epoch(nets, cfg, state, improved)
     return collapsed

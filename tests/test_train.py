@@ -467,9 +467,9 @@ def test_the_run_eta_counts_the_epochs_left_and_their_validation():
 # ============================================================================ guards
 
 def test_collapse_detection():
-    assert not train.has_collapsed(5.0, 0.0)          # never robust yet: early epochs, no alarm
-    assert not train.has_collapsed(40.0, 35.0)
-    assert train.has_collapsed(40.0, 12.0)
+    assert not runs.has_collapsed(5.0, 0.0)          # never robust yet: early epochs, no alarm
+    assert not runs.has_collapsed(40.0, 35.0)
+    assert runs.has_collapsed(40.0, 12.0)
 
 
 @pytest.mark.slow
