@@ -108,7 +108,7 @@ def begin(cfg, nets, ckpt, main=True, log=print):
     if ckpt is not None:
         state = restore(nets, ckpt)
         if main:
-            reconcile_metrics(cfg["out"], ckpt, log)
+            state.history = reconcile_metrics(cfg["out"], ckpt, log)   # every line, also those an older last.pt lacks
             write_config(cfg)
         return state
     state = State(replaces=any(os.path.exists(os.path.join(cfg["out"], n)) for n in FILES[1:]))
@@ -162,7 +162,7 @@ def history_of(ckpt):
 def reconcile_metrics(out, ckpt, log=print):
     """metrics.jsonl as last.pt has it: lines of epochs the checkpoint has not completed go (a crash after the
     line was written and before last.pt was), and so does a half-written line; the epochs' lines the file
-    lacks are written back from the checkpoint, and those it cannot give back are named."""
+    lacks are written back from the checkpoint, and those it cannot give back are named. Returns the lines."""
     path, lines = os.path.join(out, "metrics.jsonl"), []
     with suppress(FileNotFoundError):
         lines = open(path).read().splitlines()
@@ -182,6 +182,7 @@ def reconcile_metrics(out, ckpt, log=print):
     if [json.dumps(r) for r in records] != lines:
         text = "".join(json.dumps(r) + "\n" for r in records)
         common.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+    return records
 
 
 # ============================================================================ an epoch's end

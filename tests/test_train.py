@@ -231,9 +231,11 @@ def test_resume_rebuilds_a_deleted_metrics_file_and_names_what_it_cannot(tmp_pat
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [line(1), line(2), line(3)]
     os.remove(tmp_path / "metrics.jsonl")
     said = []                                   # a checkpoint saved before "history": the last epoch only
-    runs.reconcile_metrics(str(tmp_path), {"epoch": 3, "metrics": history[-1]}, said.append)
+    assert runs.reconcile_metrics(str(tmp_path), {"epoch": 3, "metrics": history[-1]}, said.append) == history[2:]
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [line(3)]
     assert said and "epoch(s) 1, 2" in said[0]
+    write_lines(tmp_path / "metrics.jsonl", [line(1), line(2)])   # the file gives such a run its full history
+    assert runs.reconcile_metrics(str(tmp_path), {"epoch": 3, "metrics": history[-1]}, said.append) == history
 
 
 def test_resume_refuses_a_checkpoint_with_code(tmp_path, capsys):
