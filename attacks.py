@@ -76,16 +76,16 @@ def cw_margin(logits, y, kappa):
     return -(margin(logits, y) + kappa).clamp(min=0.0)
 
 
-def loss_fn(y, loss="ce", kappa=50.0, logits_nat=None):
-    """The per-example loss an attack ascends, as a function of the logits at x_adv: "ce", "cw" (CW-inf
+def loss_fn(y, loss="cent", kappa=50.0, logits_nat=None):
+    """The per-example loss an attack ascends, as a function of the logits at x_adv: "cent" (cross-entropy), "cw" (CW-inf
     margin with confidence kappa) or "kl" (TRADES' inner loss KL(P(.|x) || P(.|x_adv)), from logits_nat)."""
-    if loss == "ce":
+    if loss == "cent":
         return lambda logits: F.cross_entropy(logits.float(), y, reduction="none")
     if loss == "cw":
         return lambda logits: cw_margin(logits, y, kappa)
     if loss == "kl":
         return lambda logits: cat.kl_per_example(logits_nat, logits)
-    raise ValueError(f"unknown attack loss {loss!r}: use 'ce', 'cw' or 'kl'")
+    raise ValueError(f"unknown attack loss {loss!r}: use 'cent', 'cw' or 'kl'")
 
 
 def natural_logits(model, x, loss):
@@ -120,10 +120,10 @@ def fgsm(model, x, y, eps):
         return project(x + eps * grad.sign(), x, eps).detach()
 
 
-def pgd(model, x, y, eps, alpha, steps, random_start=False, loss="ce", kappa=50.0, train_mode=False):
+def pgd(model, x, y, eps, alpha, steps, random_start=False, loss="cent", kappa=50.0, train_mode=False):
     """L-inf PGD (Madry et al. 2018): `steps` signed-gradient steps of size `alpha`.
 
-    loss: "ce" cross-entropy, "cw" CW-inf margin with confidence `kappa`, or "kl"
+    loss: "cent" cross-entropy, "cw" CW-inf margin with confidence `kappa`, or "kl"
     (KL from the natural prediction, TRADES' inner maximisation; `y` is then unused).
     random_start: start from x + U(-r, r), projected, instead of x; r = eps for True, or the
     number given (the authors' MNIST code starts from r = 0.1).

@@ -44,7 +44,7 @@ METHOD_DEFAULTS = {
 }
 
 METHODS = sorted({method for method, _ in METHOD_DEFAULTS})        # each has its loss in train.LOSSES
-ATTACK_LOSS = {"cent": "ce", "cw": "cw", "kl": "kl"}     # --attack name -> attacks.pgd(loss=...)
+ATTACKS = ("cent", "cw", "kl")             # the training attack's loss: attacks.pgd(loss=...)
 # Flags a resumed run may change when typed; any other typed flag must match the run being resumed, and an
 # untyped one keeps the run's saved value. ALWAYS come from the command line, typed or not.
 RESUMABLE = {"epochs", "device", "data_dir", "out", "resume", "overwrite", "stop_on_collapse", "compile"}
@@ -60,7 +60,7 @@ def build_parser():
       "al. 2019), mart (Wang et al. 2020), fat (FAT for TRADES, Zhang et al. 2020); each baseline defaults to its own "
       "paper's settings")
     a("--arch", help="classifier: mnist_cnn (mnist); preact18 or wrn34_10 (cifar). default: mnist_cnn / preact18")
-    a("--attack", choices=sorted(ATTACK_LOSS), help="loss of the training perturbation: cent = cross-entropy "
+    a("--attack", choices=ATTACKS, help="loss of the training perturbation: cent = cross-entropy "
       "(CAT_cent), cw = CW-inf margin (CAT_cw), kl = KL from the natural prediction (TRADES; Figure 5). "
       "default: cent (kl for trades and fat)")
     a("--no-mask", dest="mask", action="store_false", help="CAT ablation A2: train on x + delta, no g_phi")

@@ -152,8 +152,8 @@ def test_fat_early_stop_stops_tau_steps_after_misclassification(tau):
     eps, alpha, steps = 0.5, 0.02, 30
     path = [x]                                                   # the plain PGD trajectory, no random start
     for k in range(steps):
-        path.append(attacks.pgd(model, x, y, eps, alpha, k + 1, loss="ce"))
-    out = attacks.pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="ce", random_start=False)
+        path.append(attacks.pgd(model, x, y, eps, alpha, k + 1, loss="cent"))
+    out = attacks.pgd_early_stop(model, x, y, eps, alpha, steps, tau, loss="cent", random_start=False)
     with torch.no_grad():
         wrong_at = torch.stack([model(p).argmax(1) != y for p in path])      # (steps + 1, 64)
     checked = 0
@@ -628,7 +628,7 @@ def test_early_stop_in_train_mode_runs_every_step():
     for train_mode, expected in ((False, 1), (True, 6)):
         calls = []
         hook = model.register_forward_hook(lambda *_: calls.append(1))
-        attacks.pgd_early_stop(model, x, y, 0.1, 0.05, 6, tau=0, loss="ce", random_start=False, train_mode=train_mode)
+        attacks.pgd_early_stop(model, x, y, 0.1, 0.05, 6, tau=0, loss="cent", random_start=False, train_mode=train_mode)
         hook.remove()
         assert len(calls) == expected
 

@@ -86,7 +86,7 @@ def perturb(f, x, y, cfg, epoch=1):
     forward updates the running ones) or "eval" (TRADES', MART's, FAT's). Its parameters are frozen meanwhile:
     the attack needs input gradients only, and a compiled f would otherwise compute every weight gradient T times."""
     args = (f, x, y, cfg["eps"], cfg["alpha"], cfg["steps"])
-    kw = dict(loss=config.ATTACK_LOSS[cfg["attack"]], kappa=cfg["kappa"], random_start=cfg["start"],
+    kw = dict(loss=cfg["attack"], kappa=cfg["kappa"], random_start=cfg["start"],
               train_mode=cfg["attack_bn"] == "train")
     with attacks.frozen(f):
         if cfg["method"] == "fat":

@@ -705,7 +705,7 @@ PROPERTY_ATTACKS = {
     "pgd_cw": lambda m, x, y, eps, alpha, steps: attacks.pgd(m, x, y, eps, alpha, steps, loss="cw"),
     "pgd_kl": lambda m, x, y, eps, alpha, steps: attacks.pgd(m, x, y, eps, alpha, steps, True, loss="kl"),
     "cw_inf": lambda m, x, y, eps, alpha, steps: attacks.cw_inf(m, x, y, eps, alpha, steps),
-    "fat": lambda m, x, y, eps, alpha, steps: attacks.pgd_early_stop(m, x, y, eps, alpha, steps, tau=1, loss="ce"),
+    "fat": lambda m, x, y, eps, alpha, steps: attacks.pgd_early_stop(m, x, y, eps, alpha, steps, tau=1, loss="cent"),
 }
 
 
