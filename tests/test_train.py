@@ -47,7 +47,7 @@ BAD_FLAGS = [
     (["--lr", "0"], "--lr 0.0 must be > 0"), (["--start", "-0.1"], "--start -0.1 must be >= 0"),
     (["--attack", "cw", "--kappa", "-1"], "--kappa -1.0 must be >= 0"), (["--batch-size", "0"], "--batch-size 0"),
     (["--subset", "0"], "--subset 0 must be >= 1"), (["--val-size", "0"], "--val-size 0 must be >= 1"),
-    (["--resume", "--overwrite"], "exclude each other"),
+    (["--resume", "--overwrite"], "exclude each other"), (["--out", ""], "--out is empty"),
     (["--optimizer", "sgd", "--momentum", "-1"], "--momentum -1.0 must be >= 0"),
     (["--optimizer", "sgd", "--weight-decay", "-1"], "--weight-decay -1.0 must be >= 0"),
     (["--milestones", "-5"], "--milestones -5 must be >= 1"),
@@ -457,6 +457,13 @@ def test_validation_reports_progress_and_stops_at_a_ctrl_c(monkeypatch):
     assert [line.split(" ETA")[0] for line in lines] == ["epoch 3 validation [10/25]", "epoch 3 validation [20/25]"]
     stop.set = True                                          # a Ctrl-C: no counts, after the batch in progress
     assert train.validate(f, val, cfg, rt, stop, 3, steps=1, batch_size=10) is None
+
+
+def test_the_progress_line_is_short_and_metrics_keep_the_rest():
+    names = ["loss_f", "nat", "rob", "loss_g", "kl_g", "ce_g", "mask", "mask_lo", "mask_hi", "z_q01", "z_q50", "z_q99"]
+    state = runs.State(epoch=2, step=10, sums={k: torch.tensor(5.0) for k in names})
+    line = runs.progress_line({"epochs": 3, "batch_size": 100}, state, 500, 2.0)
+    assert line == "epoch 2 [10/500] 200 img/s, ETA epoch 4m05s run 8m15s + validation, loss_f 0.500 mask 0.500"
 
 
 def test_the_run_eta_counts_the_epochs_left_and_their_validation():
