@@ -18,7 +18,9 @@ import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the tests' tensors are tiny: one thread is faster than two that wait for each other, above all on a busy machine
+# (here and in the scripts the tests start, which inherit the environment)
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # a one-epoch MNIST run that takes about a second: 100 images, 1-step attack, 50 for validation
 TINY = ["--dataset", "mnist", "--subset", "100", "--steps", "1", "--val-size", "50", "--batch-size", "50",
