@@ -65,6 +65,28 @@ def worst_correct(correct, names):
     return torch.stack([correct[n] for n in {"natural", *names}]).all(0)
 
 
+# ============================================================================ comparing two methods over seeds
+
+def seeds_and_images(a, b, draws=10000, seed=0):
+    """Method A against method B when each was trained with several seeds and every model was tested on the
+    same n images: a, b are lists (one per seed) of bool (n,) tensors, correct or not per test image.
+    Returns (difference of mean accuracy A - B in points, its 95% interval, two-sided p) from a two-level
+    bootstrap: each draw resamples A's seeds and B's seeds (the training noise) and one set of test images
+    shared by every model (the test noise, paired as the images are). With 3 seeds a side the seed level
+    has few distinct draws, so the interval is wide where the seeds disagree, as it should be."""
+    gen, diffs = torch.Generator().manual_seed(seed), []
+    acc = lambda models, imgs: torch.stack([m.float()[imgs].mean(-1) for m in models]).T    # (draws, seeds)
+    pick = lambda k, d: torch.randint(0, k, (d, k), generator=gen)
+    for d in [500] * (draws // 500) + [draws % 500] * (draws % 500 > 0):           # 500 draws at a time
+        imgs = torch.randint(0, len(a[0]), (d, len(a[0])), generator=gen)
+        diffs.append(acc(a, imgs).gather(1, pick(len(a), d)).mean(1) - acc(b, imgs).gather(1, pick(len(b), d)).mean(1))
+    diff = 100 * torch.cat(diffs)
+    observed = 100 * (torch.stack(a).float().mean() - torch.stack(b).float().mean()).item()
+    low, high = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)).tolist()
+    p = min(1.0, 2 * min((diff <= 0).float().mean().item(), (diff >= 0).float().mean().item()))
+    return observed, (low, high), p
+
+
 # ============================================================================ flags
 
 def order_violation(strong, weak):

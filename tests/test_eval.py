@@ -934,3 +934,20 @@ def test_a_checkpoint_save_on_a_full_disk_names_disk_space(tmp_path, monkeypatch
             checkpoints.save(ckpt, path)
         assert str(e.value).startswith(f"could not write {path} {words}") and "is intact" in str(e.value)
     assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["best.pt"]
+
+
+# ============================================================================ two methods over seeds
+
+def test_seeds_and_images_is_a_difference_with_an_interval_that_widens_with_the_seeds():
+    g = torch.Generator().manual_seed(0)
+    draw = lambda q, n=1000: torch.rand(n, generator=g) < q
+    same = [draw(0.9) for _ in range(3)]
+    diff, (low, high), p = verdicts.seeds_and_images(same, same, draws=2000)
+    assert diff == 0 and low < 0 < high and p == 1.0
+    a, b = [draw(0.95) for _ in range(3)], [draw(0.85) for _ in range(3)]
+    diff, (low, high), p = verdicts.seeds_and_images(a, b, draws=2000)
+    assert diff == pytest.approx(100 * (torch.stack(a).float().mean() - torch.stack(b).float().mean()).item())
+    assert 5 < low < diff < high < 15 and p < 0.01                     # 10 points on 3 x 1,000 images: clear
+    spread = [draw(0.99), draw(0.80), draw(0.96)]                          # the same mean, seeds that disagree
+    _, (low2, high2), p2 = verdicts.seeds_and_images(spread, b, draws=2000)
+    assert high2 - low2 > 2 * (high - low) and p2 > p
