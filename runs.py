@@ -83,9 +83,11 @@ def open_run(cfg):
     check_out(cfg["out"])
     last = os.path.join(cfg["out"], "last.pt")
     if not cfg["resume"]:
-        if os.path.exists(last) and not cfg["overwrite"]:
-            common.die(f"{cfg['out']} already holds a run; pass --resume to continue it, --overwrite to replace "
-                       "it, or choose another --out")
+        held = [n for n in FILES[1:] if os.path.exists(os.path.join(cfg["out"], n))]
+        if held and not cfg["overwrite"]:
+            how = "--resume to continue it, " if "last.pt" in held else ""
+            common.die(f"{cfg['out']} already holds a run ({', '.join(held)}); pass {how}--overwrite to replace it, "
+                       "or choose another --out")
         return cfg, None
     if not os.path.isfile(last):
         common.die(f"--resume: {last} does not exist; start the run without --resume")

@@ -341,6 +341,11 @@ def test_out_with_a_run_is_refused(tmp_path, capsys):
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
     code, err = in_process(TINY + ["--epochs", "1", "--out", out, "--resume", "--beta1", "0.7"], capsys)
     assert code == 2 and len(err) == 1 and "--beta1" in err[0]
+    os.remove(os.path.join(out, "last.pt"))             # a finished run kept as best.pt and metrics (results/)
+    best = open(os.path.join(out, "best.pt"), "rb").read()
+    code, err = in_process(TINY + ["--epochs", "1", "--out", out], capsys)
+    assert code == 2 and len(err) == 1 and "holds a run (metrics.jsonl, best.pt)" in err[0] and "--resume" not in err[0]
+    assert open(os.path.join(out, "best.pt"), "rb").read() == best
 
 
 def state_of(path):
