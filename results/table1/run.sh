@@ -40,7 +40,7 @@ table() { # name, eps, train.py flags...
   run "$root/$name" 10 --milestones 8 --seed 0 --eps "$eps" --amp fp32 "$@"
 }
 seed() { run "$seeds/wall_s$1" 5 --seed "$1" --val-size 500 --amp fp32; }
-# Seeds 1 and 2 of five Table 1 rows (issue 29), in the setup of their seed-0 rows, into $root/seeds/NAME_sSEED.
+# Seeds 1 and 2 of five Table 1 rows, in the setup of their seed-0 rows, into $root/seeds/NAME_sSEED.
 adam=(--steps 20 --batch-size 100 --optimizer adam --lr 1e-3)
 three() { # name, eps, train.py flags...: seeds 1 and 2
   local name=$1 eps=$2; shift 2
