@@ -1,5 +1,6 @@
 """The specification of report.py, as tests. Run: python -m pytest -q tests/test_report.py"""
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -295,3 +296,60 @@ def test_curves_are_drawn_in_the_format_their_extension_names(name, magic, tmp_p
     run = write_run(tmp_path / "r", 0, [(95.0, 80.0, 0.1), (97.0, 88.0, 0.5)], {})
     report.main([run, "--curves", str(tmp_path / name)])
     assert (tmp_path / name).read_bytes()[:len(magic)] == magic
+
+
+def load_study_table():
+    spec = importlib.util.spec_from_file_location("study_table", os.path.join(HERE, "results", "table1", "table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_study_table_reads_mean_sd_tests_and_curves_from_the_stores(tmp_path, monkeypatch):
+    """results/table1/table.py: Table 1 cells are mean ± sd over the seeds' stored bits (a seed not yet
+    evaluated is counted out and said), the seeds' different training is named, the A - B test is the
+    difference of the seed means, the curve falls below 50% where the points say, and the figure is drawn."""
+    table = load_study_table()
+    import evaluate
+    images = "mnist test fake"
+    key = lambda attack, eps: evaluate.entry_key(attack, evaluate.settings_for("mnist", eps=eps), images)
+    ones = lambda k, n: "1" * k + "0" * (n - k)
+
+    def run(name, seed, correct, amp="fp32", masks=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "best.pt").write_bytes(b"")
+        (folder / "config.json").write_text(json.dumps({"seed": seed, "device": "cpu", "amp": amp}))
+        entries = {key(a, eps): {"bits": ones(k, n)} for (a, eps, n), k in correct.items()}
+        if masks:
+            entries["masks eps=0.3 alpha=0.015 steps=20 mask=m on x n=1000"] = {"done": 1000, "sums": masks}
+        (folder / "eval.json").write_text(json.dumps({"results": {name: entries}, "models": []}))
+        return str(folder)
+
+    at = [run(f"at{s}", s, {("natural", 0.3, 10000): k, ("autoattack", 0.3, 1000): a}, amp="auto" if s == 0 else "fp32")
+          for s, k, a in ((0, 9900, 880), (1, 9910, 870), (2, 9920, 860))]
+    cat = [run("cat0", 0, {("natural", 0.3, 10000): 9950, ("autoattack", 0.3, 1000): 820,
+                           **{("apgd-ce", e, 1000): k for e, k in ((0.2, 900), (0.25, 700), (0.3, 300))},
+                           ("pgd20", 0.3, 1000): 930}, masks=[880.0, 0, 0, 1000.0]),
+           run("cat1", 1, {("natural", 0.3, 10000): 9930, ("autoattack", 0.3, 1000): 840}),
+           run("cat2", 2, {("natural", 0.3, 1000): 990})]                      # not evaluated on 10,000 yet
+    rows = [("AT(0.3)", 0.3, at, "paper"), ("CAT_cent(0.3)", 0.3, cat, "paper")]
+    monkeypatch.setattr(table, "SHARED", [])
+    stores = table.Stores(images, weights=os.path.basename)
+
+    text = table.table1(stores, rows)
+    assert "| AT(0.3) | 0, 1, 2 | 99.10 ± 0.10 |" in text and "| 87.0 ± 1.0 |" in text
+    assert "| CAT_cent(0.3) | 0, 1, 2 | 99.40 ± 0.14 (n=2) |" in text and "83.0 ± 1.4 (n=2)" in text
+    assert "AT(0.3): seeds trained differently (seed 0: cpu, --amp auto; seed 1: cpu, --amp fp32" in text
+    assert "CAT_cent(0.3): seeds" not in text
+
+    line = table.tests(stores, rows, [("CAT_cent(0.3)", "AT(0.3)", "autoattack", 1000)], draws=1000)
+    assert "3 v 2 seeds" not in line and "2 v 3 seeds: -4.0 points" in line
+
+    (eps, points), = table.curves(stores, rows[1:]).values()
+    assert eps == 0.3 and points["apgd-ce"] == [(0.2, 90.0), (0.25, 70.0), (0.3, 30.0)]
+    assert table.falls_below(points["apgd-ce"]) == pytest.approx(0.275)
+    assert stores.mean_mask(cat[0]) == (0.88, 1000)
+    assert "| CAT_cent(0.3) | 0.3 | 0.88 |" in table.curves_table(stores, rows)
+    table.plot(stores, str(tmp_path / "curves.png"), rows)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
