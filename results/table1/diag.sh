@@ -8,7 +8,8 @@
 #      them on the first 1,000 from eval.sh.
 #   2. The radius: AT(0.3) and the 10-epoch CAT_cent(0.3) under PGD-20 and APGD-CE at eps 0.1 to 0.4
 #      on the first 1,000 (results/table1/eps_sweep).
-#   3. Figure 2: CAT_cent(0.4)'s mask over PGD-20 at eps 0.4, as the paper draws it, once that run is done.
+#   3. Figure 2: CAT_cent(0.4)'s mask over PGD-20 at eps 0.4, as the paper draws it, once that run is done;
+#      the same statistics (the mean mask beside the robustness curves, table.py) for the other CAT rows.
 #   bash results/table1/diag.sh >> results/table1/eval_queue.log 2>&1
 set -u
 t=results/table1
@@ -29,4 +30,9 @@ if [ -e $t/cat_cent_0.4/done.txt ]; then
   ev $t/cat_cent_0.4/masks.log $t/cat_cent_0.4/best.pt --eps 0.4 --attacks natural,pgd20 --subset 1000 \
     --save-masks $t/cat_cent_0.4/masks.png --json $t/cat_cent_0.4/eval_masks.json
 fi
+for name in cat_cent_0.3 cat_cw_0.3 cat_cw_0.4; do
+  say "diag: masks of $name"
+  ev $t/$name/masks.log $t/$name/best.pt --eps "${name##*_}" --attacks natural,pgd20 --subset 1000 \
+    --save-masks $t/$name/masks.png --json $t/$name/eval_masks.json
+done
 say "diag: done"
