@@ -4,7 +4,8 @@
 # one lane holds, the other skips.
 #   lane 1: train, then evaluate;
 #   lane 2: the eps-0.4 tests and the robustness curves (eval.sh passes 4 and 5; each store keeps what
-#           earlier sessions computed and goes on from there), then train what is left, then evaluate;
+#           earlier sessions computed and goes on from there), then evaluate what has finished training
+#           (each row's seeds land as they come), then train what is left, then evaluate the rest;
 #   evaluate: eval.sh passes 1 and 2 on the seed-0 rows and on the seeds of results/table1/seeds, the
 #           5-epoch seeds (results/seed_full/eval.sh), then eval.sh passes 3-5.
 # Stop it all with `kill -TERM -- -PGID` (training saves after the step; an evaluation keeps its finished
@@ -21,5 +22,5 @@ evaluate() { PASSES="1 2" bash results/table1/eval.sh results/table1 >> "$e" 2>&
 lanes=" ${LANES:-1 2} "
 [[ $lanes = *" 1 "* ]] && { train; evaluate; } &
 [[ $lanes = *" 2 "* ]] && { PASSES="4 5" bash results/table1/eval.sh results/table1 >> "$e" 2>&1
-  train; evaluate; } &
+  evaluate; train; evaluate; } &
 wait
