@@ -47,7 +47,8 @@ TABLE = [("natural", 10000), ("pgd20", 10000), ("pgd100", 10000), ("autoattack",
 # The differences the README's sentences claim: A, B, attack, test images.
 TESTS = [("CAT_cent(0.3)", "AT(0.3)", "autoattack", 1000), ("CAT_cent(0.3)", "TRADES(0.3)", "autoattack", 1000),
          ("CAT_cent(0.4)", "TRADES(0.4)", "autoattack", 1000), ("CAT_cent(0.3)", "AT(0.3)", "pgd20", 10000),
-         ("CAT_cent(0.3)", "TRADES(0.3)", "pgd20", 10000)]
+         ("CAT_cent(0.3)", "TRADES(0.3)", "pgd20", 10000), ("CAT_cent(0.3)", "AT(0.3)", "natural", 10000),
+         ("CAT_cent(0.3)", "TRADES(0.3)", "natural", 10000), ("CAT_cent(0.4)", "TRADES(0.4)", "pgd20", 10000)]
 AT_04 = ["natural", "pgd20", "apgd-ce", "apgd-t", "square", "autoattack"]
 NAMES = {"natural": "natural", "pgd20": "PGD-20", "pgd100": "PGD-100", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T",
          "square": "Square", "autoattack": "AutoAttack"}
