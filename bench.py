@@ -5,7 +5,7 @@
 
 Timed: `train.train_step` in the runtime's autocast, with train.py's nets and runtime, on one fixed
 synthetic batch; each method has its training defaults except one batch size and T for all (CAT's unless
-given); fp32 rows are IEEE fp32, never TF32, as in train.py (common.Runtime calls common.exact_fp32). Per
+given); fp32 rows are IEEE fp32, never TF32, as in train.py (train.Runtime calls common.exact_fp32). Per
 method and dtype: --warmup calls, then --iters calls round-robin (order reversed every other round, so
 outside load falls on all alike), the device synchronised around each. Hooks on f and g_phi count the
 passes of one more, untimed step.
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     a("--iters", type=int, default=10, help="timed calls per item; the median is reported")
     a("--warmup", type=int, default=2, help="untimed calls per item first (compile, autotuning, allocator)")
     a("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC, as train.py")
-    a("--compile", action="store_true", help="torch.compile through common.Runtime, as train.py --compile")
+    a("--compile", action="store_true", help="torch.compile through train.Runtime, as train.py --compile")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--threads", type=int, help="CPU threads for torch (torch.set_num_threads). default: torch's")
     a("--json", help="write every number here")
@@ -74,7 +74,7 @@ class Item:
     def __init__(self, cfg):
         self.cfg, self.method, self.dtype = cfg, cfg["method"], cfg["amp"]
         self.seconds, self.first_s, self.extra_bytes = [], None, 0
-        rt = common.Runtime(cfg)
+        rt = train.Runtime(cfg)
         self.device, self.nets = rt.device, rt.wrap(train.build_nets(cfg), cfg)
         g = torch.Generator().manual_seed(0)                                      # the same batch for every item
         x = torch.rand(cfg["batch_size"], *models.SHAPES[cfg["dataset"]], generator=g)     # (N, C, H, W) in [0, 1]

@@ -1,6 +1,5 @@
 """Plumbing shared by the entry scripts (train.py, evaluate.py, bench.py): one-line errors, the '8/255'
-number type, device choice, exact fp32, the training runtime (device, dtype, compile, DDP: Runtime),
-atomic writes, and the paper's test-time attack settings.
+number type, device choice, exact fp32, atomic writes, and the paper's test-time attack settings.
 The method (cat.py, attacks.py, models.py, data.py) does not import this file.
 """
 import argparse
@@ -12,7 +11,6 @@ import re
 import sys
 
 import torch
-import torch.distributed as dist
 
 # The paper's test-time attacks (Sec. 5.1.1), in [0, 1] pixel units: PGD without random start,
 # eps 0.3 / step 0.015 on MNIST and 8/255 / 0.003 on CIFAR; CW-inf as in FAT (30 steps, kappa 50).
@@ -72,61 +70,6 @@ def exact_fp32():
     cuDNN convolutions by default and which rounds their inputs to 10 mantissa bits. bf16 autocast regions
     still run in bf16; everything outside them is the fp32 the paper's numbers assume."""
     torch.backends.fp32_precision = "ieee"
-
-
-class Runtime:
-    """The one place that decides device, autocast dtype, memory format, compile and DDP."""
-
-    def __init__(self, cfg):
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        self.main = self.rank == 0
-        self.device = pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
-        exact_fp32()             # --amp fp32 and validation are IEEE fp32, never TF32
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-            torch.backends.cudnn.benchmark = True
-        if self.world > 1:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and bf16_available(self.device))
-        self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-
-    def autocast(self):
-        """The context the training step runs in (evaluation never uses it)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-
-    def wrap(self, nets, cfg):
-        """Move the plain nets to the device and memory format, then put DDP and/or torch.compile around them."""
-        for net in filter(None, (nets.f, nets.g)):
-            net.to(self.device, memory_format=self.memory_format)
-        nets.f_fast, nets.f_train, nets.g_train = nets.f, nets.f, nets.g
-        if self.world > 1:
-            if cfg["sync_bn"]:
-                nets.f = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.f)
-                nets.g = nets.g and torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.g)
-            ddp = lambda net: torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            nets.f_fast, nets.f_train, nets.g_train = nets.f, ddp(nets.f), nets.g and ddp(nets.g)
-        if cfg["compile"]:
-            # one dynamo frame serves every compiled module: CAT needs ~5 graphs (f in attack, train,
-            # no-grad and frozen modes, g), and a short last batch adds one per mode; 8 is too few
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-            nets.f_fast = torch.compile(nets.f)
-            nets.f_train = nets.f_fast if self.world == 1 else torch.compile(nets.f_train)
-            nets.g_train = nets.g_train and torch.compile(nets.g_train)
-        return nets
-
-    def log(self, *args):
-        """print on rank 0, flushed: a pipe (tee, a job log, a parent process) sees each line at once."""
-        if self.main:
-            print(*args, flush=True)
-
-    def all_sum(self, values):
-        """Sum a list of numbers over DDP processes (identity in one process)."""
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
 
 
 def write_atomic(path, write):

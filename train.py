@@ -14,14 +14,15 @@ Step 4 computes no gradient for f's parameters. Where the nets have batch norm (
 forward moves its running statistics, which every evaluation of f reads: CAT's step makes the train-mode
 forwards of the authors' CIFAR step, in their order (see train_step), some of them only for that.
 The baselines skip steps 2 and 4 (x_cali = x + delta) and use their own loss in step 3.
-This file holds the step, then the loop; the flags and the paper's settings they default to are in
-config.py, the run folder (resume, saving, Ctrl-C) in runs.py, the device, dtype, compile and DDP in
-common.Runtime.
+This file holds the step, the runtime (device, dtype, compile, DDP) and the loop, in that order; the
+flags and the paper's settings they default to are in config.py, the run folder (resume, saving,
+Ctrl-C) in runs.py.
 """
 import json
 import math
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -157,6 +158,63 @@ def mask_step(nets, x, y, delta, z, mask, cfg):
             "z_q01": q[0], "z_q50": q[1], "z_q99": q[2]}
 
 
+# ============================================================================ runtime: device, dtype, compile, DDP
+
+class Runtime:
+    """The one place that decides device, autocast dtype, memory format, compile and DDP."""
+
+    def __init__(self, cfg):
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.main = self.rank == 0
+        self.device = common.pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
+        common.exact_fp32()             # --amp fp32 and validation are IEEE fp32, never TF32
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and common.bf16_available(self.device))
+        self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+
+    def autocast(self):
+        """The context the training step runs in (evaluation never uses it)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def wrap(self, nets, cfg):
+        """Move the plain nets to the device and memory format, then put DDP and/or torch.compile around them."""
+        for net in filter(None, (nets.f, nets.g)):
+            net.to(self.device, memory_format=self.memory_format)
+        nets.f_fast, nets.f_train, nets.g_train = nets.f, nets.f, nets.g
+        if self.world > 1:
+            if cfg["sync_bn"]:
+                nets.f = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.f)
+                nets.g = nets.g and torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.g)
+            ddp = lambda net: torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            nets.f_fast, nets.f_train, nets.g_train = nets.f, ddp(nets.f), nets.g and ddp(nets.g)
+        if cfg["compile"]:
+            # one dynamo frame serves every compiled module: CAT needs ~5 graphs (f in attack, train,
+            # no-grad and frozen modes, g), and a short last batch adds one per mode; 8 is too few
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+            nets.f_fast = torch.compile(nets.f)
+            nets.f_train = nets.f_fast if self.world == 1 else torch.compile(nets.f_train)
+            nets.g_train = nets.g_train and torch.compile(nets.g_train)
+        return nets
+
+    def log(self, *args):
+        """print on rank 0, flushed: a pipe (tee, a job log, a parent process) sees each line at once."""
+        if self.main:
+            print(*args, flush=True)
+
+    def all_sum(self, values):
+        """Sum a list of numbers over DDP processes (identity in one process)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
 # ============================================================================ the loop
 
 PROGRESS_S = 30                     # seconds between progress lines, in training and in validation
@@ -181,7 +239,7 @@ def load_data(cfg, rt):
 def setup(argv, stop):
     """(cfg, rt, nets, train, val, state) of a new run, or of the run in --out with --resume."""
     cfg, ckpt = runs.open_run(config.parse_config(argv))
-    rt = common.Runtime(cfg)
+    rt = Runtime(cfg)
     cfg["amp"] = "bf16" if rt.bf16 else "fp32"             # what runs, not "auto"
     train, val = load_data(cfg, rt)
     torch.manual_seed(cfg["seed"] + rt.rank)
@@ -237,8 +295,8 @@ def run_epoch(nets, train, cfg, rt, state, stop):
 
 def validate(f, val, cfg, rt, stop, epoch, steps=20, batch_size=500):
     """[natural correct, PGD-`steps` correct, n] of classifier f on this process's share of the validation
-    split under the paper's test attack (no random start), f in eval mode and IEEE fp32 (common.Runtime
-    called common.exact_fp32; no autocast); None as soon as a Ctrl-C asks to stop. A progress line every PROGRESS_S."""
+    split under the paper's test attack (no random start), f in eval mode and IEEE fp32 (Runtime called
+    common.exact_fp32; no autocast); None as soon as a Ctrl-C asks to stop. A progress line every PROGRESS_S."""
     s, correct_nat, correct_adv, done = common.TEST_ATTACK[cfg["dataset"]], 0, 0, 0
     t0 = last_print = time.time()
     with attacks.eval_mode(f), torch.autocast(val.images.device.type, enabled=False):

@@ -191,7 +191,7 @@ def test_the_runtime_records_its_precision_and_is_ieee_fp32(monkeypatch):
     torch.backends.fp32_precision = "tf32"
     for native in (False, True):
         monkeypatch.setattr(common, "bf16_available", lambda device: native)
-        rt = common.Runtime(config.parse_config(["--device", "cpu"]))
+        rt = train.Runtime(config.parse_config(["--device", "cpu"]))
         assert rt.bf16 is native
     assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert torch.backends.mkldnn.conv.fp32_precision == "ieee"
