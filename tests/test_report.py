@@ -306,8 +306,8 @@ def load_study_table():
 
 
 def test_the_study_table_reads_mean_sd_tests_and_curves_from_the_stores(tmp_path, monkeypatch):
-    """results/table1/table.py: Table 1 cells are mean ± sd over the seeds' stored bits (a seed not yet
-    evaluated is counted out and said), the seeds' different training is named, the A - B test is the
+    """results/table1/table.py: Table 1 cells are mean ± sd over the finished seeds' stored bits (a seed not
+    yet evaluated is counted out and said, one still training left out), the seeds' different training is named, the A - B test is the
     difference of the seed means, the curve falls below 50% where the points say, and the figure is drawn."""
     table = load_study_table()
     import evaluate
@@ -315,11 +315,12 @@ def test_the_study_table_reads_mean_sd_tests_and_curves_from_the_stores(tmp_path
     key = lambda attack, eps: evaluate.entry_key(attack, evaluate.settings_for("mnist", eps=eps), images)
     ones = lambda k, n: "1" * k + "0" * (n - k)
 
-    def run(name, seed, correct, amp="fp32", masks=None):
+    def run(name, seed, correct, amp="fp32", masks=None, epochs_done=2):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "best.pt").write_bytes(b"")
-        (folder / "config.json").write_text(json.dumps({"seed": seed, "device": "cpu", "amp": amp}))
+        (folder / "config.json").write_text(json.dumps({"seed": seed, "device": "cpu", "amp": amp, "epochs": 2}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epochs_done + 1)))
         entries = {key(a, eps): {"bits": ones(k, n)} for (a, eps, n), k in correct.items()}
         if masks:
             entries["masks eps=0.3 alpha=0.015 steps=20 mask=m on x n=1000"] = {"done": 1000, "sums": masks}
@@ -328,6 +329,7 @@ def test_the_study_table_reads_mean_sd_tests_and_curves_from_the_stores(tmp_path
 
     at = [run(f"at{s}", s, {("natural", 0.3, 10000): k, ("autoattack", 0.3, 1000): a}, amp="auto" if s == 0 else "fp32")
           for s, k, a in ((0, 9900, 880), (1, 9910, 870), (2, 9920, 860))]
+    at.append(run("at3", 3, {("natural", 0.3, 10000): 0}, epochs_done=1))       # still training: left out
     cat = [run("cat0", 0, {("natural", 0.3, 10000): 9950, ("autoattack", 0.3, 1000): 820,
                            **{("apgd-ce", e, 1000): k for e, k in ((0.2, 900), (0.25, 700), (0.3, 300))},
                            ("pgd20", 0.3, 1000): 930}, masks=[880.0, 0, 0, 1000.0]),

@@ -69,15 +69,17 @@ class Stores:
         self.images, self.weights, self.cache = images, weights, {}
 
     def entries(self, folder):
+        """{key: entry} stored for the folder's best.pt in the folder's JSON files and the shared stores;
+        where two stores hold one key, the entry with more images."""
         if folder not in self.cache:
             w, found = self.weights(folder), {}
             for path in sorted(glob.glob(os.path.join(folder, "*.json"))) + SHARED:
                 doc = report.read_json(path) if os.path.isfile(path) else {}
                 results = doc.get("results") if isinstance(doc, dict) else None
-                for key, e in (results or {}).get(w, {}).items() if isinstance(results, dict) else ():
-                    if key == "model" or not isinstance(e, dict):
-                        continue
-                    if "bits" in e and len(e["bits"]) > len(found.get(key, {}).get("bits", "")) or "sums" in e:
+                mine = results.get(w, {}) if isinstance(results, dict) else {}
+                for key, e in mine.items():
+                    more = isinstance(e, dict) and len(e.get("bits", "")) >= len(found.get(key, {}).get("bits", ""))
+                    if key != "model" and more:
                         found[key] = e
             self.cache[folder] = found
         return self.cache[folder]
@@ -96,6 +98,16 @@ class Stores:
 
 def acc(bits):
     return 100 * bits.sum().item() / len(bits)
+
+
+def finished(folder):
+    """Trained to the end: a best.pt, and metrics.jsonl's last epoch is the config's last (a run still
+    training has a best.pt too)."""
+    paths = [os.path.join(folder, name) for name in ("best.pt", "config.json", "metrics.jsonl")]
+    if not all(os.path.isfile(p) for p in paths):
+        return False
+    epochs = [r.get("epoch", 0) for r in report.read_json(paths[2], lines=True)]
+    return max(epochs, default=0) >= json.load(open(paths[1])).get("epochs", 1)
 
 
 def seed_of(folder):
@@ -122,7 +134,7 @@ def table1(stores, rows=ROWS):
              "natural / PGD-20 / PGD-100 |", "|---|---|---|---|---|---|---|"]
     notes = []
     for label, _, folders, paper in rows:
-        done = [f for f in folders if os.path.isfile(os.path.join(f, "best.pt"))]
+        done = [f for f in folders if finished(f)]
         cells = []
         for attack, n in TABLE:
             values = [acc(b) for f in done for b in [stores.bits(f, attack, 0.3, n)] if b is not None]
@@ -157,7 +169,7 @@ def at_eps_04(stores, rows=ROWS):
     lines = ["| model (seed 0) | " + " | ".join(head) + " | worst | AutoAttack at eps 0.3 |",
              "|---|" + "---|" * (len(AT_04) + 2)]
     for label, eps, folders, _ in rows:
-        if eps != 0.4 or not os.path.isfile(os.path.join(folders[0], "best.pt")) or label.startswith("AT("):
+        if eps != 0.4 or not finished(folders[0]) or label.startswith("AT("):
             continue
         bits = {a: stores.bits(folders[0], a, 0.4, 1000) for a in AT_04}
         have = [b for b in bits.values() if b is not None]
@@ -180,7 +192,7 @@ def curves(stores, rows=ROWS):
     """{label: (training eps, {attack: [(eps, accuracy)]})} of every row's seed 0 that trains."""
     out = {}
     for label, eps, folders, _ in rows:
-        if label.startswith("AT(0.4") or not os.path.isfile(os.path.join(folders[0], "best.pt")):
+        if label.startswith("AT(0.4") or not finished(folders[0]):
             continue
         points = {a: [(e, acc(b)) for e in CURVE_EPS for b in [stores.bits(folders[0], a, e, 1000)] if b is not None]
                   for a in ("apgd-ce", "pgd20")}
