@@ -18,7 +18,6 @@ Run from the repository root (the paths below are relative to it).
 """
 import argparse
 import glob
-import json
 import os
 import sys
 
@@ -54,6 +53,7 @@ NAMES = {"natural": "natural", "pgd20": "PGD-20", "pgd100": "PGD-100", "apgd-ce"
          "square": "Square", "autoattack": "AutoAttack"}
 CURVE_EPS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45]
 SHARED = [f"{T}/eps_sweep/eval.json"]          # stores that hold several runs' bits
+UNTRAINED = {"AT(0.4)"}                         # one class: left out of the eps-0.4 table and the curves
 
 
 def weights_of(folder):
@@ -101,32 +101,19 @@ def acc(bits):
 
 
 def finished(folder):
-    """Trained to the end: a best.pt, and metrics.jsonl's last epoch is the config's last (a run still
+    """Trained to the end: a best.pt, and metrics.jsonl reaches the config's last epoch (a run still
     training has a best.pt too)."""
-    paths = [os.path.join(folder, name) for name in ("best.pt", "config.json", "metrics.jsonl")]
-    if not all(os.path.isfile(p) for p in paths):
-        return False
-    epochs = [r.get("epoch", 0) for r in report.read_json(paths[2], lines=True)]
-    return max(epochs, default=0) >= json.load(open(paths[1])).get("epochs", 1)
+    have = all(os.path.isfile(os.path.join(folder, name)) for name in ("best.pt", "metrics.jsonl"))
+    return have and not report.stopped_early(report.read_run(folder))
 
 
 def seed_of(folder):
-    path = os.path.join(folder, "config.json")
-    return json.load(open(path)).get("seed", "?") if os.path.isfile(path) else "?"
+    return (report.read_config(folder) or {}).get("seed", "?")
 
 
 def how_trained(folder):
-    path = os.path.join(folder, "config.json")
-    cfg = json.load(open(path)) if os.path.isfile(path) else {}
+    cfg = report.read_config(folder) or {}
     return f"{cfg.get('device', '?')}, --amp {cfg.get('amp', '?')}"
-
-
-def cell(values, digits, seeds):
-    if not values:
-        return "-"
-    mean, sd = report.mean_sd(values)
-    text = f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
-    return text + (f" (n={len(values)})" if len(values) < seeds else "")
 
 
 def table1(stores, rows=ROWS):
@@ -138,7 +125,7 @@ def table1(stores, rows=ROWS):
         cells = []
         for attack, n in TABLE:
             values = [acc(b) for f in done for b in [stores.bits(f, attack, 0.3, n)] if b is not None]
-            cells.append(cell(values, 2 if n == 10000 else 1, len(done)))
+            cells.append(report.cell(values, 2 if n == 10000 else 1, len(done)))
         lines.append(f"| {label} | {', '.join(str(seed_of(f)) for f in done) or '-'} | {' | '.join(cells)} | {paper} |")
         ways = sorted({how_trained(f) for f in done})
         if len(ways) > 1:
@@ -169,11 +156,11 @@ def at_eps_04(stores, rows=ROWS):
     lines = ["| model (seed 0) | " + " | ".join(head) + " | worst | AutoAttack at eps 0.3 |",
              "|---|" + "---|" * (len(AT_04) + 2)]
     for label, eps, folders, _ in rows:
-        if eps != 0.4 or not finished(folders[0]) or label.startswith("AT("):
+        if eps != 0.4 or label in UNTRAINED or not finished(folders[0]):
             continue
         bits = {a: stores.bits(folders[0], a, 0.4, 1000) for a in AT_04}
         have = [b for b in bits.values() if b is not None]
-        worst = acc(torch_all(have)) if len(have) == len(AT_04) else None
+        worst = acc(verdicts.worst_correct(bits, AT_04)) if len(have) == len(AT_04) else None
         at03 = stores.bits(folders[0], "autoattack", 0.3, 1000)
         cells = [f"{acc(b):.1f}" if b is not None else "-" for b in bits.values()]
         cells += [f"{worst:.1f}" if worst is not None else "-", f"{acc(at03):.1f}" if at03 is not None else "-"]
@@ -181,18 +168,11 @@ def at_eps_04(stores, rows=ROWS):
     return "\n".join(lines + ["", "eps 0.4, first 1,000 test images; worst: survived every attack of the row"])
 
 
-def torch_all(bits):
-    out = bits[0].clone()
-    for b in bits[1:]:
-        out &= b
-    return out
-
-
 def curves(stores, rows=ROWS):
     """{label: (training eps, {attack: [(eps, accuracy)]})} of every row's seed 0 that trains."""
     out = {}
     for label, eps, folders, _ in rows:
-        if label.startswith("AT(0.4") or not finished(folders[0]):
+        if label in UNTRAINED or not finished(folders[0]):
             continue
         points = {a: [(e, acc(b)) for e in CURVE_EPS for b in [stores.bits(folders[0], a, e, 1000)] if b is not None]
                   for a in ("apgd-ce", "pgd20")}
