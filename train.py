@@ -10,13 +10,8 @@ Per batch (Sec. 4.4 of the paper; the order is the authors' code's):
   2. mask      M = g_phi(x + delta); x_cali = x + M * delta                (Eq. 10-11)
   3. update f  on Eq. 13 with M fixed (detached)
   4. update g  on Eq. 14 with the *updated* f fixed, reusing M's graph from step 2
-Step 4 computes no gradient for f's parameters. Where the nets have batch norm (CIFAR), every train-mode
-forward moves its running statistics, which every evaluation of f reads: CAT's step makes the train-mode
-forwards of the authors' CIFAR step, in their order (see train_step), some of them only for that.
-The baselines skip steps 2 and 4 (x_cali = x + delta) and use their own loss in step 3.
-This file holds the step, the runtime (device, dtype, compile, DDP) and the loop, in that order; the
-flags and the paper's settings they default to are in config.py, the run folder (resume, saving,
-Ctrl-C) in runs.py.
+The baselines skip steps 2 and 4 (x_cali = x + delta) and use their own loss in step 3. Below: the step, the
+runtime (device, dtype, compile, DDP), the loop; the flags are in config.py, the run folder in runs.py.
 """
 import json
 import math
@@ -67,15 +62,10 @@ def build_nets(cfg):
     return Nets(f, g, optimizer(f.parameters()), g and optimizer(g.parameters()))
 
 
-def has_running_stats(net):
-    """Whether a train-mode forward of `net` changes its state: batch norm that tracks running statistics."""
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in net.modules())
-
-
 def stats_forward(net, x):
     """A forward of `net` (in its current mode) whose output nothing reads: it moves batch norm's running
-    statistics where the authors' code makes this forward. A no-op for nets without running statistics."""
-    if has_running_stats(net):
+    statistics where the authors' code makes this forward. A no-op for nets without them (MNIST's)."""
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in net.modules()):
         with torch.no_grad():
             net(x)
 
@@ -108,21 +98,18 @@ def train_step(nets, x, y, cfg, epoch=1):
     f's at x + delta in step 1 and at x after step 4, and g_phi's second, exist only for batch norm's running
     statistics (see stats_forward); nets without batch norm (MNIST's) skip them."""
     delta = perturb(nets.f_fast, x, y, cfg, epoch)
-    if config.uses_mask(cfg):                        # step 2: g_phi's forward, graph kept for step 4
-        nets.g.train()
+    nets.f.train()
+    if config.uses_mask(cfg):
+        nets.g.train()                        # step 2: g_phi's forward, graph kept for step 4
         z = nets.g_train(x + delta)           # (N, C, H, W) logits; M = sigmoid(z) in fp32
         mask = cat.mask_of(z)
-        x_train = cat.calibrate(x, delta, mask.detach())
-    else:
-        x_train = x + delta
-    nets.f.train()                            # step 3: classifier update (Eq. 13 for CAT)
-    if config.uses_mask(cfg):     # the authors' order, f(x_cali) first: in train mode each output reads its own batch
+        # step 3 (Eq. 13), the authors' order, f(x_cali) first: in train mode each output reads its own batch
         # only, so the order moves nothing but the running statistics
-        logits_adv = nets.f_train(x_train)
+        logits_adv = nets.f_train(cat.calibrate(x, delta, mask.detach()))
         logits_nat = nets.f_train(x)
-    else:
+    else:                                     # step 3, a baseline's loss
         logits_nat = nets.f_train(x) if cfg["method"] != "at" else None
-        logits_adv = nets.f_train(x_train)
+        logits_adv = nets.f_train(x + delta)
     loss_f, nat, rob = LOSSES[cfg["method"]](logits_nat, logits_adv, y, cfg)
     nets.opt_f.zero_grad(set_to_none=True)
     loss_f.backward()
