@@ -79,14 +79,13 @@ def load_weights(path, device="cpu"):
         raise CheckpointError(f"{path}: no such checkpoint; pass the best.pt or last.pt that train.py wrote")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it would import {found[1]}" if found else common.shorten(e, 100)
-        raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values ({what}); "
-                              "load only checkpoints written by train.py") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
-                              f"({type(e).__name__}); use another copy or retrain") from None
+        found = isinstance(e, pickle.UnpicklingError) and re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:                           # a pickle of objects: loading it would run code
+            raise CheckpointError(f"{path}: refused, it holds more than tensors and plain values (it would import "
+                                  f"{found[1]}); load only checkpoints written by train.py") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (another kind of file, truncated or "
+                              f"corrupt: {type(e).__name__}); use another copy or retrain") from None
 
 
 def load_checkpoint(path, device="cpu"):

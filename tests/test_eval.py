@@ -720,6 +720,8 @@ def bad_input(case, ckpt, tmp):
     if case == "truncated":
         with open(best, "rb") as fh, open(tmp / "cut.pt", "wb") as out:
             out.write(fh.read()[:5000])
+    elif case == "a text file":
+        (tmp / "notes.pt").write_text("# not a checkpoint\n")
     elif case == "pickled object":
         torch.save({"model": {}, "config": {}, "epoch": 1, "extra": Payload(str(tmp / "marker"))}, tmp / "evil.pt")
     elif case == "foreign":
@@ -754,7 +756,8 @@ def bad_input(case, ckpt, tmp):
                                  ".xyz: not a format matplotlib writes"),
         "masks, unknown format": ([best, "--save-masks", str(tmp / "m.xyz")], ".xyz: not a format Pillow writes"),
         "missing": ([str(tmp / "nope.pt")], "no such checkpoint"),
-        "truncated": ([str(tmp / "cut.pt")], "truncated"),
+        "truncated": ([str(tmp / "cut.pt")], "cut.pt: not a readable torch checkpoint (another kind of file, truncated"),
+        "a text file": ([str(tmp / "notes.pt")], "notes.pt: not a readable torch checkpoint (another kind of file"),
         "pickled object": ([str(tmp / "evil.pt")], "refused, it holds more than tensors and plain values (it would "
                            "import io.open); load only checkpoints written by train.py"),
         "foreign": ([str(tmp / "foreign.pt")], "not a train.py checkpoint"),
@@ -769,7 +772,7 @@ def bad_input(case, ckpt, tmp):
 @pytest.mark.parametrize("case", ["unknown attack", "unknown flag", "bad subset", "bad eps", "eps not a number",
                                   "eps, empty entry", "attacks, empty entry",
                                   "plot, one eps", "alpha unused", "queries unused", "restarts unused", "progress",
-                                  "missing", "truncated", "pickled object", "foreign", "dataset mismatch",
+                                  "missing", "truncated", "a text file", "pickled object", "foreign", "dataset mismatch",
                                   "arch mismatch", "not CAT", "missing data", "json folder", "alpha nan",
                                   "subset beyond the test set", "a run folder", "a folder named .pt",
                                   "json is a folder", "csv, empty name", "plot, unknown format",

@@ -248,7 +248,7 @@ def test_a_checkpoint_or_a_broken_metrics_file_is_named_for_what_it_is(tmp_path,
                tmp_path / "r" / "best.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "r" / "best.pt").read_bytes()[:3000])
     (tmp_path / "m.jsonl").write_text('{"epoch": 1, "val_natural": 9, "val_pgd20": 1}\n{"epoch": 2, garbage\n')
-    for arg, words in ((str(tmp_path / "cut.pt"), "cut.pt: not a readable torch checkpoint, truncated or corrupt"),
+    for arg, words in ((str(tmp_path / "cut.pt"), "cut.pt: not a readable torch checkpoint (another kind of file, truncated"),
                        (str(tmp_path / "r" / "best.pt"), f"best.pt is a checkpoint; report.py reads runs: pass its "
                                                          f"folder {run}"),
                        (str(tmp_path / "m.jsonl"), "m.jsonl, line 2: not JSON")):
